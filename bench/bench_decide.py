@@ -1,0 +1,113 @@
+"""Micro-benchmark: the fused TeaCache decision against the original's eager path, at real signal shapes.
+
+    python bench/bench_decide.py            # CPU here; on a GPU it times the Triton kernel
+    python bench/bench_decide.py --quick    # fewer repeats, skips the largest shape
+
+Implementations, per call (one transformer step's decision):
+  eager reference   the original TeaCache: `((m - p).abs().mean() / p.abs().mean()).item()`, then the
+                    Python accumulator; a host sync on a GPU. (It rebinds p = m without a copy; ours
+                    copies, because CUDA graphs need fixed addresses.)
+  fused             teacache::decide: one launch, 2 reads + 1 write of the signal, no host sync
+                    (Triton on a GPU; the torch path on CPU, op by op)
+  fused, compiled   teacache::decide under torch.compile (on CPU: Inductor fuses the torch path into C++)
+
+GPU timing: CUDA events with a cold L2 (256 MiB flushed before each call) for the fused op; the
+reference is timed on the host with the device drained, since its `.item()` drains it anyway.
+Results: a table on stdout and rows appended to bench/results/decide.csv, stamped with the hardware.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_csv, copy_bandwidth, hardware, print_table, time_cpu, time_cuda, time_host_cuda, versions  # noqa: E402
+
+import teacache_kernels  # noqa: E402,F401
+from teacache_kernels import state as S  # noqa: E402
+from teacache_kernels.coefficients import PUBLISHED, polyval  # noqa: E402
+from teacache_kernels.config import ResolvedConfig, TeaCacheConfig  # noqa: E402
+from teacache_kernels.ops.decide import decide  # noqa: E402
+
+SHAPES = {
+    "FLUX.1 1024px (1, 4096, 3072)": (1, 4096, 3072),
+    "Wan2.1-14B 480p hidden (1, 32760, 5120)": (1, 32760, 5120),
+    "HunyuanVideo 720p (1, 118800, 3072)": (1, 118800, 3072),
+    "Wan2.1 e0 timestep proj (1, 6, 5120)": (1, 6, 5120),
+}
+
+
+def reference_step(signal: torch.Tensor, state: dict, coefficients) -> bool:
+    prev = state["prev"]
+    x = ((signal - prev).abs().mean() / prev.abs().mean()).item()  # the host sync of every public port
+    state["acc"] += polyval(coefficients, x)
+    reuse = state["acc"] < 0.4
+    if not reuse:
+        state["acc"] = 0.0
+    state["prev"] = signal
+    return reuse
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--repeats", type=int, default=None, help="default: 50 on a GPU, 7 on CPU")
+    p.add_argument("--quick", action="store_true", help="3 repeats, without the HunyuanVideo shape")
+    p.add_argument("--no-csv", action="store_true")
+    args = p.parse_args(argv)
+    device, dtype = args.device, getattr(torch, args.dtype)
+    repeats = args.repeats or (3 if args.quick else (50 if device == "cuda" else 7))
+    shapes = {k: v for k, v in SHAPES.items() if not (args.quick and "Hunyuan" in k)}
+
+    hw = hardware(device)
+    copy_bw = copy_bandwidth(device)
+    print(f"teacache::decide vs the eager reference -- {hw}; {args.dtype}; copy bandwidth {copy_bw / 1e9:.0f} GB/s")
+    config = ResolvedConfig.resolve(TeaCacheConfig(rel_l1_thresh=0.4, num_inference_steps=10**6), "flux")
+    coefficients = PUBLISHED["flux"].coefficients
+    compiled_decide = torch.compile(decide, fullgraph=True)
+    time_fused = time_cuda if device == "cuda" else time_cpu
+    time_ref = time_host_cuda if device == "cuda" else time_cpu
+
+    rows = []
+    for name, shape in shapes.items():
+        print(f"  {name} ...", flush=True)
+        g = torch.Generator(device=device).manual_seed(0)
+        signal = torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+        ref_state = {"prev": signal * 1.01, "acc": 0.0}
+        st = S.ContextState("bench")
+        st.allocate(signal, signal, config)
+        st.prev_signal.copy_(signal * 1.01)
+        nbytes = 3 * signal.numel() * signal.element_size()  # reads signal and prev, writes prev
+
+        def fused(fn):
+            return lambda: fn(signal, st.prev_signal, st.scalars, st.config, st.log, st.partials, st.ticket)
+
+        t_ref = time_ref(lambda: reference_step(signal, ref_state, coefficients), repeats)
+        timings = {"eager reference": t_ref, "fused": time_fused(fused(decide), repeats)}
+        with torch.no_grad():
+            timings["fused, compiled"] = time_fused(fused(compiled_decide), repeats)
+        for impl, t in timings.items():
+            rows.append({
+                "hardware": hw, **versions(), "device": device, "dtype": args.dtype, "signal": name,
+                "numel": signal.numel(), "impl": impl, "median_us": f"{t * 1e6:.1f}",
+                "GB/s": f"{nbytes / t / 1e9:.1f}" if impl != "eager reference" else "-",
+                "pct_of_copy": f"{100 * nbytes / t / copy_bw:.0f}%" if impl != "eager reference" else "-",
+                "speedup_vs_reference": f"{t_ref / t:.2f}x",
+            })  # fmt: skip
+        del signal, st, ref_state
+
+    print()
+    print_table(rows, ["signal", "impl", "median_us", "GB/s", "pct_of_copy", "speedup_vs_reference"])
+    print(f"\n(median of {repeats}; GB/s counts the fused op's 2 reads + 1 write of the signal)")
+    if not args.no_csv:
+        print(f"appended to {append_csv('decide', rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

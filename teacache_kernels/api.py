@@ -1,0 +1,137 @@
+"""enable_teacache / disable_teacache / reset_teacache / summary: the public entry points."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from torch import nn
+
+from .config import ResolvedConfig, TeaCacheConfig
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "_orig_mod", module)  # a torch.compile'd module wraps the original
+
+
+def _split(obj: Any) -> tuple[Any, nn.Module]:
+    """(pipeline or None, transformer) for a diffusers pipeline, a transformer or a compiled transformer."""
+    if isinstance(obj, nn.Module):
+        return None, _unwrap(obj)
+    transformer = getattr(obj, "transformer", None)
+    if isinstance(transformer, nn.Module) and hasattr(obj, "scheduler"):
+        return obj, _unwrap(transformer)
+    raise TypeError(
+        f"expected a diffusers pipeline with a .transformer, or a transformer module; got {type(obj).__name__}"
+    )
+
+
+def enable_teacache(pipe_or_transformer: Any, config: TeaCacheConfig | None = None, *, reference: bool = False, **fields):
+    """Turn TeaCache on for a diffusers pipeline or transformer. Returns its argument.
+
+    `config` and/or keyword fields of `TeaCacheConfig` (keywords override `config`). On a pipeline,
+    `num_inference_steps` is learned from its scheduler at every call, and each call starts a new
+    generation. On a bare transformer, `num_inference_steps` is required: the step counter wraps at it.
+    Calling it again on an enabled model updates the config in place (no recompilation).
+    `reference=True` runs the eager oracle (`reference.ReferenceCache`) instead of the fused ops.
+    Enable before `torch.compile`, and after loading LoRAs or setting attention processors.
+    """
+    from .cached_forward import FusedCache
+    from .install import install, uninstall
+    from .models import family_for
+    from .reference import ReferenceCache
+
+    pipeline, transformer = _split(pipe_or_transformer)
+    inst = getattr(transformer, "_teacache", None)
+    # Enabling again updates: fields not given keep their current values.
+    config = TeaCacheConfig.from_fields(config or (inst.user_config if inst is not None else None), fields)
+    if inst is not None and isinstance(inst.cache, ReferenceCache) != reference:
+        uninstall(inst)  # switching implementation: start over
+        inst = None
+    family = inst.family if inst is not None else family_for(transformer)
+    if pipeline is None and config.num_inference_steps is None and (inst is None or inst.pipeline is None):
+        raise ValueError(
+            "num_inference_steps is required when enabling TeaCache on a bare transformer "
+            "(it forces the last step and starts a new generation); a pipeline supplies it from its scheduler"
+        )
+    resolved = ResolvedConfig.resolve(config, family.default_coefficients(transformer, pipeline))
+
+    if inst is not None:
+        if inst.pipeline is not None:  # the scheduler's step count stands until it is set again
+            resolved = _with_steps(resolved, inst.cache.config.num_inference_steps)
+        inst.cache.set_config(resolved)
+        inst.cache.reset()
+    else:
+        cache = ReferenceCache(resolved) if reference else FusedCache(resolved)
+        inst = install(transformer, family, cache)
+    inst.user_config = config
+    if pipeline is not None and inst.pipeline is None:
+        _follow_scheduler(inst, pipeline)
+    return pipe_or_transformer
+
+
+def _follow_scheduler(inst, pipeline) -> None:
+    """Learn num_inference_steps from the scheduler and start a new generation whenever it is set."""
+    scheduler = pipeline.scheduler
+    inst.pipeline = pipeline
+
+    def new_generation():
+        calls = len(scheduler.timesteps) - (getattr(scheduler, "begin_index", None) or 0)
+        cache = inst.cache
+        cache.set_config(_with_steps(cache.config, calls))
+        cache.reset()
+
+    for method in ("set_timesteps", "set_begin_index"):
+        original = getattr(scheduler, method, None)
+        if original is None:
+            continue
+
+        # functools.wraps keeps the signature: pipelines inspect set_timesteps for `sigmas`/`timesteps`.
+        @functools.wraps(original)
+        def patched(*args, _original=original, **kwargs):
+            result = _original(*args, **kwargs)
+            new_generation()
+            return result
+
+        inst.scheduler_patches[method] = scheduler.__dict__.get(method)
+        setattr(scheduler, method, patched)
+
+
+def _with_steps(config: ResolvedConfig, steps: int | None) -> ResolvedConfig:
+    return dataclasses.replace(config, num_inference_steps=None if steps is None else max(1, steps))
+
+
+def disable_teacache(pipe_or_transformer: Any):
+    """Turn TeaCache off: the model (and scheduler) are exactly as before enabling. No-op if it was off."""
+    from .install import uninstall
+
+    _, transformer = _split(pipe_or_transformer)
+    inst = getattr(transformer, "_teacache", None)
+    if inst is not None:
+        uninstall(inst)
+    return pipe_or_transformer
+
+
+def reset_teacache(pipe_or_transformer: Any, num_inference_steps: int | None = None) -> None:
+    """Start a new generation now (for hand-written loops), optionally with a new step count."""
+    inst = _installation(pipe_or_transformer)
+    if num_inference_steps is not None:
+        TeaCacheConfig(num_inference_steps=num_inference_steps)  # validates
+        inst.cache.set_config(_with_steps(inst.cache.config, num_inference_steps))
+    inst.cache.reset()
+
+
+def summary(pipe_or_transformer: Any):
+    """Which calls ran the blocks and which reused the residual, per CFG context (see report.Summary)."""
+    from .report import Summary
+
+    return Summary.of(_installation(pipe_or_transformer))
+
+
+def _installation(pipe_or_transformer: Any):
+    _, transformer = _split(pipe_or_transformer)
+    inst = getattr(transformer, "_teacache", None)
+    if inst is None:
+        raise RuntimeError(f"TeaCache is not enabled on this {type(transformer).__name__}; call enable_teacache first")
+    return inst

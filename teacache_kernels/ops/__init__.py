@@ -1,0 +1,12 @@
+"""The fused ops, one module each: Triton kernel -> launcher -> torch path -> torch.library op -> public function.
+
+    from teacache_kernels.ops.decide import decide
+    from teacache_kernels.ops.apply_residual import apply_residual_
+
+Importing this package registers the ops (torch.ops.teacache.decide / .apply_residual).
+"""
+
+from . import apply_residual, decide
+from ._backend import triton_on_cpu
+
+__all__ = ["decide", "apply_residual", "triton_on_cpu"]

@@ -1,0 +1,47 @@
+"""Which implementation an op runs: the Triton kernel or its torch path.
+
+- CUDA tensors: the Triton kernel (through `wrap_triton` under torch.compile, so Inductor sees it).
+- CPU tensors: the torch path, which Inductor compiles to C++ under torch.compile. Inside
+  `triton_on_cpu()`, eager calls run the Triton kernel in Triton's interpreter instead; that needs
+  TRITON_INTERPRET=1 in the environment before Triton is first imported, and it is how the kernels are
+  tested on machines without a GPU. Under torch.compile the torch path always serves CPU tensors: an
+  interpreted kernel cannot be traced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_triton_on_cpu = False
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    if t.device.type == "cuda":
+        return True
+    return t.device.type == "cpu" and _triton_on_cpu and not torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def triton_on_cpu(enabled: bool = True):
+    """Run the Triton kernels on CPU tensors (eager calls only), in Triton's interpreter."""
+    global _triton_on_cpu
+    if enabled and not INTERPRET:
+        raise RuntimeError(
+            "triton_on_cpu() needs TRITON_INTERPRET=1 set in the environment before triton is imported"
+        )
+    previous, _triton_on_cpu = _triton_on_cpu, enabled
+    try:
+        yield
+    finally:
+        _triton_on_cpu = previous
+
+
+def check_numel(numel: int, what: str) -> None:
+    # Kernel offsets are int32; a signal this large (8 GiB in bf16) is far beyond any model we know.
+    if numel >= 2**31 - 2**24:
+        raise ValueError(f"{what} has {numel} elements; the fused kernels index with int32 (< 2**31 - 2**24)")

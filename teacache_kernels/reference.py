@@ -1,0 +1,148 @@
+"""The eager oracle: TeaCache's state machine in plain Python, float64 scalars, readable first.
+
+This file is the specification. The fused Triton kernel, the torch path Inductor compiles on CPU and
+every model integration are tested against it: same skip schedule, outputs within a stated budget.
+Host reads (`.item()`) are fine here; speed is not the point.
+
+Per forward call of the transformer, with one state per CFG context:
+  1. signal m: the model's modulated input (which tensor depends on the model).
+  2. A call computes (and resets the accumulator to 0) when it is forced: no previous signal in this
+     generation, one of the first `warmup_steps` or last `cooldown_steps` calls of the generation, or a
+     distance that is not a finite number (NaN/Inf in the signal, or an all-zero previous signal).
+  3. Otherwise x = mean|m - m_prev| / mean|m_prev| over all elements (batch included), acc += poly(x),
+     and the call reuses the cached residual iff acc < rel_l1_thresh; else it computes and acc = 0.
+  4. m_prev = m on every call, computed or reused.
+  5. Compute: run the block span, residual = span_out - span_in. Reuse: span_out = span_in + residual.
+  6. After `num_inference_steps` calls the generation ends: the step counter wraps to 0 and the
+     previous signal and accumulator are forgotten, so the next call starts a new generation.
+
+Where this differs from the original TeaCache scripts, and why it cannot change a schedule:
+  - x is computed from the exact element values (float64 here, float32 accumulation in the kernel)
+    rather than from a mean rounded to the signal's dtype (bf16 in the original).
+  - Step 6 forgets the previous signal at a wrap; the original keeps it, but its first call of a
+    generation is forced anyway (warmup >= 1), so both compute there. With warmup_steps=0 the original
+    would compare against the previous generation's last signal; this package does not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .coefficients import polyval
+from .config import ResolvedConfig
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One transformer call as the state machine saw it."""
+
+    step: int  # index of the call within its generation
+    x: float  # relative L1 distance to the previous signal; NaN when there was none
+    y: float  # poly(x); NaN when x is NaN
+    acc: float  # accumulator after this call
+    reused: bool  # True: the cached residual was applied; False: the blocks ran
+
+
+def rel_l1(signal: torch.Tensor, prev: torch.Tensor) -> float:
+    """mean|signal - prev| / mean|prev| over all elements, in float64 (the means' counts cancel)."""
+    num = (signal.double() - prev.double()).abs().sum().item()
+    den = prev.double().abs().sum().item()
+    if not (math.isfinite(num) and math.isfinite(den) and den > 0.0):
+        return math.nan
+    return num / den
+
+
+@dataclass
+class TeaCacheOracle:
+    """One CFG context's TeaCache decisions, step by step."""
+
+    config: ResolvedConfig
+    step: int = 0
+    acc: float = 0.0
+    prev: torch.Tensor | None = None
+    history: list[StepRecord] = field(default_factory=list)  # the current (or last finished) generation
+    calls: int = 0
+    reused: int = 0
+
+    def reset(self) -> None:
+        """Start a new generation: forget the previous signal, the accumulator and the step counter."""
+        self.step, self.acc, self.prev = 0, 0.0, None
+
+    def decide(self, signal: torch.Tensor) -> bool:
+        """Feed one call's signal; True means reuse the cached residual, False means run the blocks."""
+        cfg = self.config
+        n = cfg.num_inference_steps
+        if self.step == 0:
+            self.history = []
+        x = rel_l1(signal, self.prev) if self.prev is not None else math.nan
+        y = polyval(cfg.coefficients, x) if math.isfinite(x) else math.nan
+        forced = (
+            self.prev is None
+            or self.step < cfg.warmup_steps
+            or (n is not None and self.step >= n - cfg.cooldown_steps)
+        )
+        if forced or not math.isfinite(x):
+            reuse = False
+        else:
+            candidate = self.acc + y
+            reuse = candidate < cfg.rel_l1_thresh  # NaN/Inf candidates compare False: compute
+        self.acc = self.acc + y if reuse else 0.0
+        self.history.append(StepRecord(self.step, x, y, self.acc, reuse))
+        self.prev = signal.detach().clone()
+        self.calls += 1
+        self.reused += int(reuse)
+        self.step += 1
+        if n is not None and self.step >= n:
+            self.reset()
+        return reuse
+
+
+class ReferenceCache:
+    """The oracle driving a block span, eagerly: the readable TeaCache the fused path must match.
+
+    Same interface as `cached_forward.FusedCache`; `enable_teacache(..., reference=True)` installs it.
+    """
+
+    def __init__(self, config: ResolvedConfig):
+        self.config = config
+        self.contexts: dict[str, TeaCacheOracle] = {"default": TeaCacheOracle(config)}
+        self.residuals: dict[str, torch.Tensor] = {}
+        self.active = "default"
+
+    def activate(self, name: str) -> str:
+        previous = self.active
+        if name not in self.contexts:
+            self.contexts[name] = TeaCacheOracle(self.config)
+        self.active = name
+        return previous
+
+    def set_config(self, config: ResolvedConfig) -> None:
+        self.config = config
+        for oracle in self.contexts.values():
+            oracle.config = config
+
+    def reset(self) -> None:
+        for oracle in self.contexts.values():
+            oracle.reset()
+
+    def run(
+        self,
+        signal: torch.Tensor,
+        stream: torch.Tensor,
+        full: Callable[..., torch.Tensor],
+        operands: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """Return the span's output for `stream` (its input): reused, or computed by `full(*operands)`."""
+        name = self.active
+        if self.contexts[name].decide(signal):
+            return stream + self.residuals[name]
+        out = full(*operands)
+        self.residuals[name] = out - stream
+        return out
+
+    def history(self) -> dict[str, tuple[list[StepRecord], int, int]]:
+        return {n: (list(o.history), o.calls, o.reused) for n, o in self.contexts.items() if o.calls}

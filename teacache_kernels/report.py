@@ -1,0 +1,93 @@
+"""What TeaCache did: per CFG context, which calls of the generation ran the blocks and which reused."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .reference import StepRecord
+
+
+@dataclass(frozen=True)
+class ContextSummary:
+    name: str
+    steps: list[StepRecord]  # the current (or last finished) generation, one record per call
+    calls: int  # lifetime calls of this context
+    reused: int  # lifetime calls that reused the residual
+
+    @property
+    def computed_steps(self) -> int:
+        return sum(not s.reused for s in self.steps)
+
+    @property
+    def reused_steps(self) -> int:
+        return sum(s.reused for s in self.steps)
+
+    @property
+    def schedule(self) -> str:
+        """One letter per call: C = blocks computed, R = residual reused."""
+        return "".join("R" if s.reused else "C" for s in self.steps)
+
+
+@dataclass(frozen=True)
+class Summary:
+    model: str
+    implementation: str  # "fused" or "reference"
+    coefficients: str  # published set name, or the explicit polynomial
+    rel_l1_thresh: float
+    contexts: dict[str, ContextSummary]
+
+    @classmethod
+    def of(cls, inst) -> "Summary":
+        from .reference import ReferenceCache
+
+        cfg = inst.cache.config
+        contexts = {
+            name: ContextSummary(name, steps, calls, reused)
+            for name, (steps, calls, reused) in inst.cache.history().items()
+        }
+        return cls(
+            model=type(inst.transformer).__name__,
+            implementation="reference" if isinstance(inst.cache, ReferenceCache) else "fused",
+            coefficients=cfg.coefficient_set or str(list(cfg.coefficients)),
+            rel_l1_thresh=cfg.rel_l1_thresh,
+            contexts=contexts,
+        )
+
+    def __str__(self) -> str:
+        head = (
+            f"TeaCache on {self.model} ({self.implementation}; coefficients {self.coefficients}; "
+            f"rel_l1_thresh {self.rel_l1_thresh:g})"
+        )
+        if not self.contexts:
+            return head + "\n  no calls yet"
+        width = max(7, *(len(n) for n in self.contexts))
+        lines = [head, f"  {'context':<{width}}  calls  computed  reused  schedule (C computed, R reused)"]
+        for c in self.contexts.values():
+            n = len(c.steps)
+            lines.append(f"  {c.name:<{width}}  {n:>5}  {c.computed_steps:>8}  {c.reused_steps:>6}  {c.schedule}")
+        total = sum(c.calls for c in self.contexts.values())
+        reused = sum(c.reused for c in self.contexts.values())
+        lines.append(f"  since enabled: {total} calls, {reused} reused ({100.0 * reused / max(total, 1):.0f}%)")
+        return "\n".join(lines)
+
+    def table(self, context: str | None = None) -> str:
+        """Per call: x (relative L1 to the previous signal), poly(x), accumulator, decision."""
+        name = context or next(iter(self.contexts))
+        rows = [f"{'step':>4}  {'x':>10}  {'poly(x)':>10}  {'acc':>10}  decision"]
+        for s in self.contexts[name].steps:
+            fmt = lambda v: "-" if math.isnan(v) else f"{v:.5f}"  # noqa: E731
+            rows.append(f"{s.step:>4}  {fmt(s.x):>10}  {fmt(s.y):>10}  {s.acc:>10.5f}  {'reused' if s.reused else 'computed'}")
+        return "\n".join(rows)
+
+    def as_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "implementation": self.implementation,
+            "coefficients": self.coefficients,
+            "rel_l1_thresh": self.rel_l1_thresh,
+            "contexts": {
+                n: {"schedule": c.schedule, "calls": c.calls, "reused": c.reused, "steps": [s.__dict__ for s in c.steps]}
+                for n, c in self.contexts.items()
+            },
+        }

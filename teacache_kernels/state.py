@@ -1,0 +1,116 @@
+"""Per-context device state: pre-allocated buffers that the fused ops mutate in place.
+
+CUDA-graph replay needs fixed addresses, so nothing here is reallocated between steps: a context's
+buffers are allocated on its first call (or when the signal's shape, dtype or device changes) and a
+new generation resets them in place. They are plain tensors on a plain object, not module buffers:
+they never enter a `state_dict`, and `module.to(torch.bfloat16)` cannot downcast the float64 scalars.
+
+All scalars are float64 (integers up to 2**53 are exact), so one pointer carries them to the kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .coefficients import MAX_COEFFICIENTS
+from .config import ResolvedConfig
+
+# `scalars`: what the state machine carries from call to call.
+ACC = 0  # accumulated rescaled distance
+STEP = 1  # index of the next call within its generation
+HAS_PREV = 2  # 1.0 once prev_signal holds this generation's previous signal
+CALLS = 3  # calls since the state was allocated
+REUSED = 4  # of those, calls that reused the residual
+LOGGED = 5  # rows of `log` that belong to the current (or last finished) generation
+NUM_SCALARS = 8
+
+# `config`: what the user chose, on the device so changing it never recompiles a graph.
+THRESH = 0
+NUM_STEPS = 1  # 0: unknown (no cooldown, no wrap)
+WARMUP = 2
+COOLDOWN = 3
+COEFFS = 4  # MAX_COEFFICIENTS values, highest power first, left-padded with zeros
+NUM_CONFIG = COEFFS + MAX_COEFFICIENTS
+
+# `log` rows, one per call of the generation: what `summary()` shows.
+LOG_X, LOG_Y, LOG_ACC, LOG_REUSED = 0, 1, 2, 3
+LOG_WIDTH = 4
+LOG_MIN_CAPACITY = 1024
+
+# The fused decision reduces in at most this many programs (a power of two: the last program sums the
+# partials with one tl.arange). 1024 is about one resident wave of 256-thread programs on an H100.
+MAX_PROGRAMS = 1024
+
+
+def config_values(config: ResolvedConfig) -> list[float]:
+    values = [0.0] * NUM_CONFIG
+    values[THRESH] = config.rel_l1_thresh
+    values[NUM_STEPS] = float(config.num_inference_steps or 0)
+    values[WARMUP] = float(config.warmup_steps)
+    values[COOLDOWN] = float(config.cooldown_steps)
+    coeffs = config.coefficients
+    values[COEFFS + MAX_COEFFICIENTS - len(coeffs) : COEFFS + MAX_COEFFICIENTS] = coeffs
+    return values
+
+
+def log_capacity(config: ResolvedConfig) -> int:
+    return max(LOG_MIN_CAPACITY, config.num_inference_steps or 0)
+
+
+class ContextState:
+    """One CFG context's buffers. `ensure()` allocates them for a signal/stream pair."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.prev_signal: torch.Tensor | None = None  # signal shape and dtype
+        self.residual: torch.Tensor | None = None  # residual stream's shape and dtype
+        self.scalars: torch.Tensor | None = None  # float64 [NUM_SCALARS]
+        self.config: torch.Tensor | None = None  # float64 [NUM_CONFIG]
+        self.log: torch.Tensor | None = None  # float64 [capacity, LOG_WIDTH]
+        self.partials: torch.Tensor | None = None  # float32 [2 * MAX_PROGRAMS], the reduction's workspace
+        self.ticket: torch.Tensor | None = None  # int32 [1], counts finished programs; reset by the last
+
+    def matches(self, signal: torch.Tensor, stream: torch.Tensor) -> bool:
+        """Shape/dtype/device checks only: static under torch.compile, so no graph break and no sync."""
+        p, r = self.prev_signal, self.residual
+        return (
+            p is not None
+            and r is not None
+            and p.shape == signal.shape
+            and p.dtype == signal.dtype
+            and p.device == signal.device
+            and r.shape == stream.shape
+            and r.dtype == stream.dtype
+            and r.device == stream.device
+        )
+
+    def allocate(self, signal: torch.Tensor, stream: torch.Tensor, config: ResolvedConfig) -> None:
+        device = signal.device
+        f64 = dict(dtype=torch.float64, device=device)
+        self.prev_signal = torch.zeros_like(signal, memory_format=torch.contiguous_format)
+        self.residual = torch.zeros_like(stream, memory_format=torch.contiguous_format)
+        self.scalars = torch.zeros(NUM_SCALARS, **f64)
+        self.config = torch.tensor(config_values(config), **f64)
+        self.log = torch.full((log_capacity(config), LOG_WIDTH), float("nan"), **f64)
+        self.partials = torch.zeros(2 * MAX_PROGRAMS, dtype=torch.float32, device=device)
+        self.ticket = torch.zeros(1, dtype=torch.int32, device=device)
+
+    @property
+    def allocated(self) -> bool:
+        return self.scalars is not None
+
+    def write_config(self, config: ResolvedConfig) -> None:
+        """In place, so compiled graphs keep reading the same buffer."""
+        if not self.allocated:
+            return
+        if self.log.shape[0] < log_capacity(config):
+            self.log = torch.full((log_capacity(config), LOG_WIDTH), float("nan"), dtype=torch.float64, device=self.log.device)
+            self.scalars[LOGGED] = 0.0
+        self.config.copy_(torch.tensor(config_values(config), dtype=torch.float64))
+
+    def reset(self) -> None:
+        """Start a new generation in place. Keeps the lifetime counters and the last generation's log."""
+        if self.allocated:
+            self.scalars[ACC] = 0.0
+            self.scalars[STEP] = 0.0
+            self.scalars[HAS_PREV] = 0.0

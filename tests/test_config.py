@@ -1,0 +1,56 @@
+import math
+
+import pytest
+
+from teacache_kernels import TeaCacheConfig
+from teacache_kernels.config import ResolvedConfig
+
+
+def test_defaults_follow_the_original():
+    c = TeaCacheConfig()
+    assert (c.rel_l1_thresh, c.coefficients, c.num_inference_steps, c.warmup_steps, c.cooldown_steps) == (None, None, None, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(rel_l1_thresh=-0.1), "rel_l1_thresh must be a finite number >= 0, got -0.1"),
+        (dict(rel_l1_thresh=math.inf), "got inf"),
+        (dict(rel_l1_thresh="0.4"), "got '0.4'"),
+        (dict(rel_l1_thresh=True), "got True"),
+        (dict(num_inference_steps=0), "num_inference_steps must be an integer >= 1, got 0"),
+        (dict(num_inference_steps=2.5), "got 2.5"),
+        (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0, got -1"),
+        (dict(cooldown_steps=None), "cooldown_steps must be an integer >= 0, got None"),
+        (dict(coefficients="nope"), "unknown coefficient set 'nope'"),
+        (dict(coefficients=[1, math.nan]), "must be finite"),
+    ],
+)
+def test_bad_values_are_named(fields, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TeaCacheConfig(**fields)
+
+
+def test_unknown_field_lists_the_known_ones():
+    with pytest.raises(TypeError, match=r"unknown TeaCacheConfig field\(s\) \['thresh'\]; known fields: .*rel_l1_thresh"):
+        TeaCacheConfig.from_fields(None, {"thresh": 0.4})
+
+
+def test_fields_override_a_config_and_coefficients_are_frozen():
+    base = TeaCacheConfig(rel_l1_thresh=0.3, coefficients=[1.0, 2.0])
+    assert base.coefficients == (1.0, 2.0)
+    updated = TeaCacheConfig.from_fields(base, {"rel_l1_thresh": 0.5})
+    assert updated.rel_l1_thresh == 0.5 and updated.coefficients == (1.0, 2.0)
+    assert base.replace(warmup_steps=2).warmup_steps == 2
+
+
+def test_resolved_config_takes_the_sets_default_threshold():
+    r = ResolvedConfig.resolve(TeaCacheConfig(num_inference_steps=28), "flux")
+    assert r.rel_l1_thresh == 0.4 and r.coefficient_set == "flux" and r.coefficients[0] == pytest.approx(498.651651)
+    r = ResolvedConfig.resolve(TeaCacheConfig(coefficients="flux-kontext"), "flux")
+    assert r.coefficient_set == "flux-kontext" and r.rel_l1_thresh == 0.22
+
+
+def test_explicit_coefficients_need_a_threshold():
+    with pytest.raises(ValueError, match="rel_l1_thresh is required with explicit coefficients"):
+        ResolvedConfig.resolve(TeaCacheConfig(coefficients=[1.0, 0.0]), "flux")

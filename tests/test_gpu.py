@@ -1,0 +1,100 @@
+"""GPU-only checks: real model shapes, the model on CUDA, and the decision inside a captured CUDA graph.
+
+Skipped without CUDA. Run them whenever a GPU is available: `pytest -m gpu`.
+(The kernel tests in test_decide.py / test_apply_residual.py also run on CUDA there, via the `impl` fixture.)
+"""
+
+import pytest
+import torch
+
+import teacache_kernels as tk
+from teacache_kernels import state as S
+from teacache_kernels.ops.apply_residual import apply_residual_
+from teacache_kernels.ops.decide import decide
+from teacache_kernels.reference import TeaCacheOracle
+from teacache_kernels.tiny_models import TinyFluxShape, flow_matching_loop, flux_inputs, tiny_flux_transformer
+
+from conftest import requires_cuda
+from test_decide import assert_no_near_ties, check_against_oracle, flux_config, random_walk
+
+pytestmark = [pytest.mark.gpu, requires_cuda]
+
+REAL_SIGNALS = {
+    "flux-1024px": (1, 4096, 3072),  # FLUX.1 at 1024x1024: the modulated image tokens
+    "flux-batch2-512px": (2, 1024, 3072),
+    "odd": (1, 333, 77),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", list(REAL_SIGNALS.values()), ids=list(REAL_SIGNALS))
+def test_decide_real_shapes_match_oracle(shape, dtype):
+    numel = 1
+    for d in shape:
+        numel *= d
+    config = flux_config(thresh=0.5, steps=8)
+    signals = [s.view(shape) for s in random_walk(numel, 10, dtype, seed=1)]
+    schedule, oracle = check_against_oracle(signals, config, "cuda")
+    assert "R" in schedule
+    assert_no_near_ties(oracle, config)
+
+
+def test_apply_residual_real_shape():
+    x, out, res = (torch.randn(1, 4096, 3072, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    expected = x + res
+    apply_residual_(torch.tensor(True, device="cuda"), x, out, res)
+    assert torch.equal(out, expected)
+    out2 = torch.randn_like(x)
+    apply_residual_(torch.tensor(False, device="cuda"), x, out2, res)
+    assert torch.equal(res, out2 - x)
+
+
+def test_decision_replays_inside_a_cuda_graph():
+    """No host sync and no allocation outside the graph pool: the decision can be captured and replayed."""
+    config = flux_config(thresh=0.5, steps=12)
+    signals = random_walk(4096 * 64, 14, torch.bfloat16, seed=2)
+    st = S.ContextState("graph")
+    st.allocate(signals[0].cuda(), signals[0].cuda(), config)
+    signal_in = torch.empty_like(st.prev_signal)
+
+    # warm up on a side stream (launch caches), then reset the state and capture one decision
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        decide(signal_in.copy_(signals[0].cuda()), st.prev_signal, st.scalars, st.config, st.log, st.partials, st.ticket)
+    torch.cuda.current_stream().wait_stream(s)
+    st.allocate(signals[0].cuda(), signals[0].cuda(), config)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        reuse = decide(signal_in, st.prev_signal, st.scalars, st.config, st.log, st.partials, st.ticket)
+
+    oracle = TeaCacheOracle(config)
+    got, expected = [], []
+    for sig in signals:
+        signal_in.copy_(sig.cuda())
+        graph.replay()
+        got.append(bool(reuse))
+        expected.append(oracle.decide(sig))
+    assert got == expected and any(expected)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_flux_on_gpu_matches_reference(compiled):
+    shape, steps = TinyFluxShape(), 16
+    latents, cond = flux_inputs(shape, device="cuda")
+    negative = flux_inputs(shape, seed=9, device="cuda")[1]
+
+    def run(reference):
+        model = tiny_flux_transformer(shape).cuda()
+        tk.enable_teacache(model, rel_l1_thresh=0.6, num_inference_steps=steps, reference=reference)
+        runner = torch.compile(model, fullgraph=True) if compiled and not reference else model
+        if compiled and not reference:
+            flow_matching_loop(runner, latents, cond, steps, negative=negative, cfg_scale=3.0)  # warm-up
+        out = flow_matching_loop(runner, latents, cond, steps, negative=negative, cfg_scale=3.0)
+        return out, {n: c.schedule for n, c in tk.summary(model).contexts.items()}
+
+    out, sched = run(False)
+    ref, ref_sched = run(True)
+    assert {k: v for k, v in sched.items() if k in ref_sched} == ref_sched
+    assert "R" in ref_sched["cond"]
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)  # TF32/SDPA kernels may differ in the last bits
