@@ -55,7 +55,8 @@ def enable_teacache(pipe_or_transformer: Any, config: TeaCacheConfig | None = No
             "num_inference_steps is required when enabling TeaCache on a bare transformer "
             "(it forces the last step and starts a new generation); a pipeline supplies it from its scheduler"
         )
-    resolved = ResolvedConfig.resolve(config, family.default_coefficients(transformer, pipeline))
+    default_set = family.default_coefficients(transformer, pipeline or (inst.pipeline if inst is not None else None))
+    resolved = ResolvedConfig.resolve(config, default_set)
 
     if inst is not None:
         if inst.pipeline is not None:  # the scheduler's step count stands until it is set again
@@ -74,7 +75,7 @@ def enable_teacache(pipe_or_transformer: Any, config: TeaCacheConfig | None = No
 def _follow_scheduler(inst, pipeline) -> None:
     """Learn num_inference_steps from the scheduler and start a new generation whenever it is set."""
     scheduler = pipeline.scheduler
-    inst.pipeline = pipeline
+    inst.pipeline, inst.scheduler = pipeline, scheduler
 
     def new_generation():
         calls = len(scheduler.timesteps) - (getattr(scheduler, "begin_index", None) or 0)
@@ -117,7 +118,7 @@ def reset_teacache(pipe_or_transformer: Any, num_inference_steps: int | None = N
     """Start a new generation now (for hand-written loops), optionally with a new step count."""
     inst = _installation(pipe_or_transformer)
     if num_inference_steps is not None:
-        TeaCacheConfig(num_inference_steps=num_inference_steps)  # validates
+        inst.user_config = inst.user_config.replace(num_inference_steps=num_inference_steps)  # validates
         inst.cache.set_config(_with_steps(inst.cache.config, num_inference_steps))
     inst.cache.reset()
 

@@ -27,11 +27,11 @@ from .models import ModelFamily
 class Installation:
     transformer: nn.Module
     family: ModelFamily
-    span: nn.Module
     cache: Any  # FusedCache or ReferenceCache
     original_lists: dict[str, nn.ModuleList]
     handles: list = field(default_factory=list)
     pipeline: Any = None
+    scheduler: Any = None  # the scheduler whose methods were patched (the pipeline's may be swapped later)
     scheduler_patches: dict[str, Any] = field(default_factory=dict)  # method name -> instance attribute it shadowed
     user_config: Any = None  # the TeaCacheConfig as given; enabling again updates it
 
@@ -41,17 +41,12 @@ def _span_prefix(family: ModelFamily) -> str:
 
 
 def install(transformer: nn.Module, family: ModelFamily, cache) -> Installation:
-    lists = {}
-    for name in family.block_lists:
-        blocks = getattr(transformer, name, None)
+    lists = {name: getattr(transformer, name, None) for name in family.block_lists}
+    for name, blocks in lists.items():
         if not isinstance(blocks, nn.ModuleList) or (name == family.block_lists[0] and len(blocks) == 0):
-            raise ValueError(
-                f"{type(transformer).__name__}.{name} is {type(blocks).__name__}"
-                f"{'' if blocks is None else f' of {len(blocks)} blocks'}; expected the model's block list"
-            )
-        lists[name] = blocks
+            raise ValueError(f"{type(transformer).__name__}.{name} should be the model's nn.ModuleList of blocks, got {blocks!r:.80}")
     span = family.span_class(*lists.values(), cache=cache)
-    inst = Installation(transformer, family, span, cache, lists)
+    inst = Installation(transformer, family, cache, lists)
 
     first, *rest = family.block_lists
     setattr(transformer, first, nn.ModuleList([span]))
@@ -68,11 +63,15 @@ def install(transformer: nn.Module, family: ModelFamily, cache) -> Installation:
             state_dict[sd_prefix + key[len(inner) :] if key.startswith(inner) else key] = value
 
     def span_keys(module, state_dict, sd_prefix, *args):
+        inner = sd_prefix + prefix
         for key in list(state_dict):
-            for name in family.block_lists:
-                if key.startswith(f"{sd_prefix}{name}.") and not key.startswith(sd_prefix + prefix + name + "."):
-                    state_dict[sd_prefix + prefix + key[len(sd_prefix) :]] = state_dict.pop(key)
-                    break
+            if not key.startswith(sd_prefix):
+                continue
+            rest = key[len(sd_prefix) :]
+            if key.startswith(inner) and rest[len(prefix) :].split(".", 1)[0] in family.block_lists:
+                continue  # already names a block inside the span
+            if rest.split(".", 1)[0] in family.block_lists:
+                state_dict[inner + rest] = state_dict.pop(key)
 
     def refuse_unsupported(module, args, kwargs):
         what = family.unsupported_input(args, kwargs)
@@ -117,8 +116,7 @@ def uninstall(inst: Installation) -> None:
         h.remove()
     del t.cache_context
     for method, shadowed in inst.scheduler_patches.items():
-        scheduler = inst.pipeline.scheduler
-        delattr(scheduler, method)
+        delattr(inst.scheduler, method)
         if shadowed is not None:
-            setattr(scheduler, method, shadowed)
+            setattr(inst.scheduler, method, shadowed)
     del t._teacache

@@ -111,6 +111,7 @@ class ReferenceCache:
         self.config = config
         self.contexts: dict[str, TeaCacheOracle] = {"default": TeaCacheOracle(config)}
         self.residuals: dict[str, torch.Tensor] = {}
+        self._layouts: dict[str, tuple] = {}
         self.active = "default"
 
     def activate(self, name: str) -> str:
@@ -138,6 +139,10 @@ class ReferenceCache:
     ) -> torch.Tensor:
         """Return the span's output for `stream` (its input): reused, or computed by `full(*operands)`."""
         name = self.active
+        layout = (signal.shape, signal.dtype, stream.shape, stream.dtype)
+        if self._layouts.get(name, layout) != layout:  # new shape or dtype: start over, as FusedCache does
+            self.contexts[name] = TeaCacheOracle(self.config)
+        self._layouts[name] = layout
         if self.contexts[name].decide(signal):
             return stream + self.residuals[name]
         out = full(*operands)

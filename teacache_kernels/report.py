@@ -73,7 +73,9 @@ class Summary:
 
     def table(self, context: str | None = None) -> str:
         """Per call: x (relative L1 to the previous signal), poly(x), accumulator, decision."""
-        name = context or next(iter(self.contexts))
+        name = context if context is not None else next(iter(self.contexts), None)
+        if name not in self.contexts:
+            raise KeyError(f"no calls recorded in context {name!r}; contexts: {sorted(self.contexts)}")
         rows = [f"{'step':>4}  {'x':>10}  {'poly(x)':>10}  {'acc':>10}  decision"]
         for s in self.contexts[name].steps:
             fmt = lambda v: "-" if math.isnan(v) else f"{v:.5f}"  # noqa: E731

@@ -19,6 +19,7 @@ from .config import ResolvedConfig
 ACC = 0  # accumulated rescaled distance
 STEP = 1  # index of the next call within its generation
 HAS_PREV = 2  # 1.0 once prev_signal holds this generation's previous signal
+GENERATION = slice(ACC, HAS_PREV + 1)  # what a new generation clears: adjacent, so one fill does it
 CALLS = 3  # calls since the state was allocated
 REUSED = 4  # of those, calls that reused the residual
 LOGGED = 5  # rows of `log` that belong to the current (or last finished) generation
@@ -58,7 +59,7 @@ def log_capacity(config: ResolvedConfig) -> int:
 
 
 class ContextState:
-    """One CFG context's buffers. `ensure()` allocates them for a signal/stream pair."""
+    """One CFG context's buffers, allocated by `allocate()` for a signal/stream pair on first use."""
 
     def __init__(self, name: str):
         self.name = name
@@ -111,6 +112,4 @@ class ContextState:
     def reset(self) -> None:
         """Start a new generation in place. Keeps the lifetime counters and the last generation's log."""
         if self.allocated:
-            self.scalars[ACC] = 0.0
-            self.scalars[STEP] = 0.0
-            self.scalars[HAS_PREV] = 0.0
+            self.scalars[GENERATION].zero_()

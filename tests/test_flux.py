@@ -163,6 +163,10 @@ def test_state_dict_is_unchanged_while_enabled(tmp_path):
     assert list(during) == list(before)  # same keys, same order; no cache buffers
     assert all(torch.equal(during[k], before[k]) for k in before)
     model.load_state_dict(before, strict=True)  # canonical keys load into the enabled model
+    # keys already naming blocks inside the span (a sub-module's state_dict) load unchanged
+    inner = model.transformer_blocks.state_dict(prefix="transformer_blocks.")
+    assert any(".single_transformer_blocks." in k for k in inner)
+    assert not model.load_state_dict(inner, strict=False).unexpected_keys
     # a checkpoint saved while enabled loads into a plain model
     torch.save(during, tmp_path / "ckpt.pt")
     tiny_flux_transformer(SHAPE, seed=123).load_state_dict(torch.load(tmp_path / "ckpt.pt"), strict=True)
@@ -214,3 +218,24 @@ def test_summary_reports_each_call(inputs):
     table = summary.table("cond")
     assert len(table.splitlines()) == STEPS + 1 and "reused" in table
     assert summary.as_dict()["contexts"]["cond"]["schedule"] == summary.contexts["cond"].schedule
+
+
+def test_shape_change_mid_generation_starts_over_in_both_implementations():
+    small = TinyFluxShape(height=8, width=8)
+    schedules_by_impl = {}
+    for reference in (False, True):
+        model = tiny_flux_transformer(SHAPE)
+        tk.enable_teacache(model, rel_l1_thresh=0.6, num_inference_steps=STEPS, reference=reference)
+        latents, cond = flux_inputs(SHAPE)
+        flow_matching_loop(model, latents, cond, 5)  # 5 calls into a 20-call generation, then a new size
+        latents, cond = flux_inputs(small)
+        flow_matching_loop(model, latents, cond, STEPS)
+        schedules_by_impl[reference] = tk.summary(model).contexts["cond"].schedule
+    assert schedules_by_impl[False] == schedules_by_impl[True]
+    assert schedules_by_impl[False][0] == "C" and len(schedules_by_impl[False]) == STEPS
+
+
+def test_summary_table_names_unknown_contexts(inputs):
+    _, summary, _ = generate(inputs, rel_l1_thresh=0.6)
+    with pytest.raises(KeyError, match=r"no calls recorded in context 'uncond'; contexts: \['cond'\]"):
+        summary.table("uncond")

@@ -54,12 +54,25 @@ def test_disable_restores_pipeline_and_scheduler_bit_for_bit():
     assert torch.equal(call(pipe, 10), expected)
 
 
+def test_disable_after_the_pipeline_swapped_its_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = tiny_flux_pipeline(SHAPE)
+    tk.enable_teacache(pipe, rel_l1_thresh=0.6)
+    patched = pipe.scheduler
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    tk.disable_teacache(pipe)
+    assert not {"set_timesteps", "set_begin_index"} & set(vars(patched))
+
+
 def test_kontext_pipeline_defaults_to_the_kontext_coefficients():
     from diffusers import FluxKontextPipeline
 
     pipe = tiny_flux_pipeline(SHAPE, pipeline_class=FluxKontextPipeline)
     tk.enable_teacache(pipe)
     assert tk.summary(pipe).coefficients == "flux-kontext" and tk.summary(pipe).rel_l1_thresh == 0.22
+    tk.enable_teacache(pipe.transformer, rel_l1_thresh=0.3)  # updating through the transformer keeps the set
+    assert tk.summary(pipe).coefficients == "flux-kontext" and tk.summary(pipe).rel_l1_thresh == 0.3
     plain = tiny_flux_pipeline(SHAPE)
     tk.enable_teacache(plain)
     assert tk.summary(plain).coefficients == "flux" and tk.summary(plain).rel_l1_thresh == 0.4

@@ -32,6 +32,10 @@ _WARMUP = tl.constexpr(S.WARMUP)
 _COOLDOWN = tl.constexpr(S.COOLDOWN)
 _COEFFS = tl.constexpr(S.COEFFS)
 _LOG_WIDTH = tl.constexpr(S.LOG_WIDTH)
+_LOG_X = tl.constexpr(S.LOG_X)
+_LOG_Y = tl.constexpr(S.LOG_Y)
+_LOG_ACC = tl.constexpr(S.LOG_ACC)
+_LOG_REUSED = tl.constexpr(S.LOG_REUSED)
 
 BLOCK = 2048  # elements per program per loop iteration: 8 per thread at 8 warps, one 16-byte load of bf16
 NUM_WARPS = 8
@@ -104,10 +108,10 @@ def _decide_kernel(
         known = has_prev & finite
         row = log_ptr + step.to(tl.int64) * _LOG_WIDTH
         in_log = step < log_capacity
-        tl.store(row + 0, tl.where(known, x, float("nan")), mask=in_log)
-        tl.store(row + 1, tl.where(known, y, float("nan")), mask=in_log)
-        tl.store(row + 2, acc, mask=in_log)
-        tl.store(row + 3, tl.where(reuse, 1.0, 0.0), mask=in_log)
+        tl.store(row + _LOG_X, tl.where(known, x, float("nan")), mask=in_log)
+        tl.store(row + _LOG_Y, tl.where(known, y, float("nan")), mask=in_log)
+        tl.store(row + _LOG_ACC, acc, mask=in_log)
+        tl.store(row + _LOG_REUSED, tl.where(reuse, 1.0, 0.0), mask=in_log)
 
         step = step + 1.0
         wrap = (num_steps > 0.0) & (step >= num_steps)  # generation over: forget m_prev and acc
@@ -138,6 +142,8 @@ def launch_decide(
     """Launch the kernel (eagerly, or with `kernel=wrap_triton(_decide_kernel)` for tracing)."""
     numel = signal.numel()
     check_numel(numel, "signal")
+    if not 1 <= max_programs <= S.MAX_PROGRAMS:  # the partials workspace holds S.MAX_PROGRAMS programs
+        raise ValueError(f"max_programs must be in [1, {S.MAX_PROGRAMS}], got {max_programs}")
     grid = (max(1, min(triton.cdiv(numel, block), max_programs)),)
     kernel[grid](
         signal,
