@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any
 
 from torch import nn
@@ -44,28 +45,38 @@ def enable_teacache(pipe_or_transformer: Any, config: TeaCacheConfig | None = No
 
     pipeline, transformer = _split(pipe_or_transformer)
     inst = getattr(transformer, "_teacache", None)
+    if inst is None and getattr(transformer, "is_cache_enabled", False):
+        raise RuntimeError(
+            f"a diffusers cache ({type(getattr(transformer, '_cache_config', None)).__name__}) is already enabled on this "
+            f"{type(transformer).__name__}: call transformer.disable_cache() first, or two caches would skip the same work"
+        )
     # Enabling again updates: fields not given keep their current values.
     config = TeaCacheConfig.from_fields(config or (inst.user_config if inst is not None else None), fields)
-    if inst is not None and isinstance(inst.cache, ReferenceCache) != reference:
-        uninstall(inst)  # switching implementation: start over
-        inst = None
-    family = inst.family if inst is not None else family_for(transformer)
-    if pipeline is None and config.num_inference_steps is None and (inst is None or inst.pipeline is None):
+    pipeline = pipeline or (inst.pipeline if inst is not None else None)
+    if pipeline is None and config.num_inference_steps is None:
         raise ValueError(
             "num_inference_steps is required when enabling TeaCache on a bare transformer "
             "(it forces the last step and starts a new generation); a pipeline supplies it from its scheduler"
         )
-    default_set = family.default_coefficients(transformer, pipeline or (inst.pipeline if inst is not None else None))
-    resolved = ResolvedConfig.resolve(config, default_set)
+    if pipeline is not None and "num_inference_steps" in fields:
+        warnings.warn(
+            "num_inference_steps is learned from the pipeline's scheduler at every call; the value given is used "
+            "only until the next one", stacklevel=2
+        )  # fmt: skip
+    family = inst.family if inst is not None else family_for(transformer)
+    resolved = ResolvedConfig.resolve(config, family.default_coefficients(transformer, pipeline))
+    if inst is not None and inst.pipeline is not None:  # the scheduler's step count stands until it is set again
+        resolved = _with_steps(resolved, inst.cache.config.num_inference_steps)
 
+    # Everything is validated: now change the model.
+    if inst is not None and isinstance(inst.cache, ReferenceCache) != reference:
+        uninstall(inst)  # switching implementation: start over, same pipeline and step count
+        inst = None
     if inst is not None:
-        if inst.pipeline is not None:  # the scheduler's step count stands until it is set again
-            resolved = _with_steps(resolved, inst.cache.config.num_inference_steps)
         inst.cache.set_config(resolved)
         inst.cache.reset()
     else:
-        cache = ReferenceCache(resolved) if reference else FusedCache(resolved)
-        inst = install(transformer, family, cache)
+        inst = install(transformer, family, ReferenceCache(resolved) if reference else FusedCache(resolved))
     inst.user_config = config
     if pipeline is not None and inst.pipeline is None:
         _follow_scheduler(inst, pipeline)
@@ -73,16 +84,15 @@ def enable_teacache(pipe_or_transformer: Any, config: TeaCacheConfig | None = No
 
 
 def _follow_scheduler(inst, pipeline) -> None:
-    """Learn num_inference_steps from the scheduler and start a new generation whenever it is set."""
+    """Learn num_inference_steps from the scheduler and start a new generation whenever it is set.
+
+    Pipelines set the scheduler's timesteps before their first transformer call, so patching
+    `set_timesteps` (and `set_begin_index`, which img2img pipelines call to skip steps) sees every
+    generation start. If the pipeline's scheduler is replaced later, the next `cache_context` entry
+    (host side, before the first transformer call of that generation) follows the new one.
+    """
     scheduler = pipeline.scheduler
     inst.pipeline, inst.scheduler = pipeline, scheduler
-
-    def new_generation():
-        calls = len(scheduler.timesteps) - (getattr(scheduler, "begin_index", None) or 0)
-        cache = inst.cache
-        cache.set_config(_with_steps(cache.config, calls))
-        cache.reset()
-
     for method in ("set_timesteps", "set_begin_index"):
         original = getattr(scheduler, method, None)
         if original is None:
@@ -92,11 +102,30 @@ def _follow_scheduler(inst, pipeline) -> None:
         @functools.wraps(original)
         def patched(*args, _original=original, **kwargs):
             result = _original(*args, **kwargs)
-            new_generation()
+            _new_generation(inst)
             return result
 
         inst.scheduler_patches[method] = scheduler.__dict__.get(method)
         setattr(scheduler, method, patched)
+
+    def follow_a_replaced_scheduler():
+        if pipeline.scheduler is not inst.scheduler:
+            from .install import unpatch_scheduler
+
+            unpatch_scheduler(inst)
+            _follow_scheduler(inst, pipeline)
+            if getattr(pipeline.scheduler, "timesteps", None) is not None:  # already set for this generation
+                _new_generation(inst)
+
+    inst.on_context_entry = follow_a_replaced_scheduler
+
+
+def _new_generation(inst) -> None:
+    """Reset the state, and count this generation's transformer calls from the followed scheduler."""
+    scheduler = inst.scheduler
+    calls = len(scheduler.timesteps) - (getattr(scheduler, "begin_index", None) or 0)
+    inst.cache.set_config(_with_steps(inst.cache.config, calls))
+    inst.cache.reset()
 
 
 def _with_steps(config: ResolvedConfig, steps: int | None) -> ResolvedConfig:

@@ -1,9 +1,11 @@
 """The generic cached forward: signal -> fused decision -> torch.cond(reuse, full) -> fused residual op.
 
 A model family (see `models/`) wraps its transformer's block lists in one span module whose forward
-computes the signal and calls `FusedCache.run`. Everything per-step stays on the device:
-`ops.decide` produces a 0-d bool tensor, `torch.cond` branches on it without a graph break, and
-`ops.apply_residual_` reads the same flag to store or apply the residual.
+computes the signal and calls `FusedCache.run`. The decision is made on the device: `ops.decide`
+produces a 0-d bool tensor, `torch.cond` branches on it without a graph break, and
+`ops.apply_residual_` reads the same flag on the device to store or apply the residual. (Inductor lowers
+the `torch.cond` itself to a host `if` on the flag: torch 2.13's one remaining read per step, which the
+CUDA-graph path is to remove.)
 
 Eagerly (no torch.compile), skipping the blocks needs the decision on the host: one `.item()` per step,
 as in every eager TeaCache. Eager `torch.cond` reads the flag on the host just the same, with more

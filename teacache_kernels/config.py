@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -14,7 +16,8 @@ from . import coefficients as _coefficients
 class TeaCacheConfig:
     """How TeaCache decides, per transformer call, whether to reuse the cached residual.
 
-    rel_l1_thresh: skip while the accumulated rescaled distance stays below this. 0 never skips.
+    rel_l1_thresh: reuse while the accumulated rescaled distance stays below this. 0 turns reuse off
+        (every call computes, whatever sign the polynomial takes).
         None: the default of the coefficient set (see `coefficients.PUBLISHED`).
     coefficients: the rescale polynomial, highest power first (at most 8 values), or the name of a
         published set ("flux", "flux-kontext", ...). None: chosen from the model class and pipeline.
@@ -33,20 +36,22 @@ class TeaCacheConfig:
 
     def __post_init__(self) -> None:
         t = self.rel_l1_thresh
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0):
-            raise ValueError(f"rel_l1_thresh must be a finite number >= 0, got {t!r}")
+        if t is not None:
+            if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
+                raise ValueError(f"rel_l1_thresh must be a finite number >= 0, got {t!r}")
+            object.__setattr__(self, "rel_l1_thresh", float(t))  # numpy scalars welcome, stored as float
         if self.coefficients is not None:
             # Normalise to a tuple so the config is hashable and cannot change under us.
             resolved = self.coefficients if isinstance(self.coefficients, str) else tuple(self.coefficients)
             _coefficients.resolve(resolved)  # raises with the bad value named
             object.__setattr__(self, "coefficients", resolved)
-        n = self.num_inference_steps
-        if n is not None and (not _is_int(n) or n < 1):
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {n!r}")
-        for field in ("warmup_steps", "cooldown_steps"):
+        for field, least in (("num_inference_steps", 1), ("warmup_steps", 0), ("cooldown_steps", 0)):
             v = getattr(self, field)
-            if not _is_int(v) or v < 0:
-                raise ValueError(f"{field} must be an integer >= 0, got {v!r}")
+            if v is None and field == "num_inference_steps":
+                continue
+            if not _is_int(v) or v < least:
+                raise ValueError(f"{field} must be an integer >= {least}, got {v!r}")
+            object.__setattr__(self, field, operator.index(v))
 
     @classmethod
     def from_fields(cls, config: "TeaCacheConfig | None", fields: dict) -> "TeaCacheConfig":
@@ -64,7 +69,8 @@ class TeaCacheConfig:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer (numpy's included), not a bool and not a float that happens to be whole."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)

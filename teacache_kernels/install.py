@@ -34,6 +34,8 @@ class Installation:
     scheduler: Any = None  # the scheduler whose methods were patched (the pipeline's may be swapped later)
     scheduler_patches: dict[str, Any] = field(default_factory=dict)  # method name -> instance attribute it shadowed
     user_config: Any = None  # the TeaCacheConfig as given; enabling again updates it
+    on_context_entry: Any = None  # called (host side) whenever cache_context is entered
+    shadowed_cache_context: Any = None  # an instance attribute `cache_context` we shadowed, if any
 
 
 def _span_prefix(family: ModelFamily) -> str:
@@ -86,16 +88,20 @@ def install(transformer: nn.Module, family: ModelFamily, cache) -> Installation:
         transformer.register_load_state_dict_pre_hook(span_keys),
         transformer.register_forward_pre_hook(refuse_unsupported, with_kwargs=True),
     ]
-    _route_cache_context(transformer, cache)
+    _route_cache_context(inst)
     transformer._teacache = inst
     return inst
 
 
-def _route_cache_context(transformer: nn.Module, cache) -> None:
+def _route_cache_context(inst: Installation) -> None:
+    transformer, cache = inst.transformer, inst.cache
     original = getattr(transformer, "cache_context", None)  # diffusers' CacheMixin.cache_context, if any
+    inst.shadowed_cache_context = vars(transformer).get("cache_context")
 
     @contextlib.contextmanager
     def cache_context(name: str, **kwargs):
+        if inst.on_context_entry is not None:
+            inst.on_context_entry()
         with original(name, **kwargs) if original is not None else contextlib.nullcontext():
             previous = cache.activate(name)
             try:
@@ -103,9 +109,17 @@ def _route_cache_context(transformer: nn.Module, cache) -> None:
             finally:
                 cache.activate(previous)
 
-    # An instance attribute shadows the class's method; `del` restores it. A compiled module
-    # (OptimizedModule) forwards attribute lookups to the original, so pipelines reach this too.
+    # An instance attribute shadows the class's method; uninstall restores what was there. A compiled
+    # module (OptimizedModule) forwards attribute lookups to the original, so pipelines reach this too.
     transformer.cache_context = cache_context
+
+
+def unpatch_scheduler(inst: Installation) -> None:
+    for method, shadowed in inst.scheduler_patches.items():
+        delattr(inst.scheduler, method)
+        if shadowed is not None:
+            setattr(inst.scheduler, method, shadowed)
+    inst.scheduler_patches = {}
 
 
 def uninstall(inst: Installation) -> None:
@@ -115,8 +129,7 @@ def uninstall(inst: Installation) -> None:
     for h in inst.handles:
         h.remove()
     del t.cache_context
-    for method, shadowed in inst.scheduler_patches.items():
-        delattr(inst.scheduler, method)
-        if shadowed is not None:
-            setattr(inst.scheduler, method, shadowed)
+    if inst.shadowed_cache_context is not None:
+        t.cache_context = inst.shadowed_cache_context
+    unpatch_scheduler(inst)
     del t._teacache

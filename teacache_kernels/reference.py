@@ -7,10 +7,12 @@ Host reads (`.item()`) are fine here; speed is not the point.
 Per forward call of the transformer, with one state per CFG context:
   1. signal m: the model's modulated input (which tensor depends on the model).
   2. A call computes (and resets the accumulator to 0) when it is forced: no previous signal in this
-     generation, one of the first `warmup_steps` or last `cooldown_steps` calls of the generation, or a
-     distance that is not a finite number (NaN/Inf in the signal, or an all-zero previous signal).
+     generation, one of the first `warmup_steps` or last `cooldown_steps` calls of the generation, a
+     distance that is not a finite number (NaN/Inf in the signal, or an all-zero previous signal), or
+     rel_l1_thresh == 0 (the off switch).
   3. Otherwise x = mean|m - m_prev| / mean|m_prev| over all elements (batch included), acc += poly(x),
-     and the call reuses the cached residual iff acc < rel_l1_thresh; else it computes and acc = 0.
+     and the call reuses the cached residual iff acc is finite and acc < rel_l1_thresh; else it computes
+     and acc = 0.
   4. m_prev = m on every call, computed or reused.
   5. Compute: run the block span, residual = span_out - span_in. Reuse: span_out = span_in + residual.
   6. After `num_inference_steps` calls the generation ends: the step counter wraps to 0 and the
@@ -22,6 +24,11 @@ Where this differs from the original TeaCache scripts, and why it cannot change 
   - Step 6 forgets the previous signal at a wrap; the original keeps it, but its first call of a
     generation is forced anyway (warmup >= 1), so both compute there. With warmup_steps=0 the original
     would compare against the previous generation's last signal; this package does not.
+  - rel_l1_thresh == 0 never reuses. The original compares acc < 0, which a polynomial that goes
+    negative (flux-kontext for x > 0.24, mochi, wan ret...) can satisfy. A non-finite acc (a polynomial
+    overflowing to -inf) computes instead of poisoning the rest of the generation.
+  - The fused kernel sums fp32 element differences: signals with |values| near the float32 limit
+    (~1e34 and up, never seen in activations) overflow there and compute, where float64 here would not.
 """
 
 from __future__ import annotations
@@ -69,14 +76,14 @@ class TeaCacheOracle:
     reused: int = 0
 
     def reset(self) -> None:
-        """Start a new generation: forget the previous signal, the accumulator and the step counter."""
-        self.step, self.acc, self.prev = 0, 0.0, None
+        """Start a new generation: forget the previous signal, the accumulator, the step counter and history."""
+        self.step, self.acc, self.prev, self.history = 0, 0.0, None, []
 
     def decide(self, signal: torch.Tensor) -> bool:
         """Feed one call's signal; True means reuse the cached residual, False means run the blocks."""
         cfg = self.config
         n = cfg.num_inference_steps
-        if self.step == 0:
+        if self.step == 0:  # a new generation's first call: the finished generation's history goes
             self.history = []
         x = rel_l1(signal, self.prev) if self.prev is not None else math.nan
         y = polyval(cfg.coefficients, x) if math.isfinite(x) else math.nan
@@ -84,20 +91,18 @@ class TeaCacheOracle:
             self.prev is None
             or self.step < cfg.warmup_steps
             or (n is not None and self.step >= n - cfg.cooldown_steps)
+            or cfg.rel_l1_thresh == 0.0
         )
-        if forced or not math.isfinite(x):
-            reuse = False
-        else:
-            candidate = self.acc + y
-            reuse = candidate < cfg.rel_l1_thresh  # NaN/Inf candidates compare False: compute
-        self.acc = self.acc + y if reuse else 0.0
+        candidate = self.acc + y
+        reuse = not forced and math.isfinite(candidate) and candidate < cfg.rel_l1_thresh
+        self.acc = candidate if reuse else 0.0
         self.history.append(StepRecord(self.step, x, y, self.acc, reuse))
         self.prev = signal.detach().clone()
         self.calls += 1
         self.reused += int(reuse)
         self.step += 1
-        if n is not None and self.step >= n:
-            self.reset()
+        if n is not None and self.step >= n:  # generation over: forget m_prev and acc, keep its history
+            self.step, self.acc, self.prev = 0, 0.0, None
         return reuse
 
 

@@ -35,23 +35,24 @@ class Summary:
     implementation: str  # "fused" or "reference"
     coefficients: str  # published set name, or the explicit polynomial
     rel_l1_thresh: float
-    contexts: dict[str, ContextSummary]
+    contexts: dict[str, ContextSummary]  # the contexts called in the current (or last finished) generation
+    calls: int  # since enabled, all contexts
+    reused: int
 
     @classmethod
     def of(cls, inst) -> "Summary":
         from .reference import ReferenceCache
 
         cfg = inst.cache.config
-        contexts = {
-            name: ContextSummary(name, steps, calls, reused)
-            for name, (steps, calls, reused) in inst.cache.history().items()
-        }
+        history = inst.cache.history()
         return cls(
             model=type(inst.transformer).__name__,
             implementation="reference" if isinstance(inst.cache, ReferenceCache) else "fused",
             coefficients=cfg.coefficient_set or str(list(cfg.coefficients)),
             rel_l1_thresh=cfg.rel_l1_thresh,
-            contexts=contexts,
+            contexts={name: ContextSummary(name, *h) for name, h in history.items() if h[0]},
+            calls=sum(calls for _, calls, _ in history.values()),
+            reused=sum(reused for _, _, reused in history.values()),
         )
 
     def __str__(self) -> str:
@@ -60,15 +61,15 @@ class Summary:
             f"rel_l1_thresh {self.rel_l1_thresh:g})"
         )
         if not self.contexts:
-            return head + "\n  no calls yet"
+            return head + f"\n  no calls in this generation yet ({self.calls} since enabled)"
         width = max(7, *(len(n) for n in self.contexts))
         lines = [head, f"  {'context':<{width}}  calls  computed  reused  schedule (C computed, R reused)"]
         for c in self.contexts.values():
             n = len(c.steps)
             lines.append(f"  {c.name:<{width}}  {n:>5}  {c.computed_steps:>8}  {c.reused_steps:>6}  {c.schedule}")
-        total = sum(c.calls for c in self.contexts.values())
-        reused = sum(c.reused for c in self.contexts.values())
-        lines.append(f"  since enabled: {total} calls, {reused} reused ({100.0 * reused / max(total, 1):.0f}%)")
+        lines.append(
+            f"  since enabled: {self.calls} calls, {self.reused} reused ({100.0 * self.reused / max(self.calls, 1):.0f}%)"
+        )
         return "\n".join(lines)
 
     def table(self, context: str | None = None) -> str:
@@ -88,6 +89,8 @@ class Summary:
             "implementation": self.implementation,
             "coefficients": self.coefficients,
             "rel_l1_thresh": self.rel_l1_thresh,
+            "calls": self.calls,
+            "reused": self.reused,
             "contexts": {
                 n: {"schedule": c.schedule, "calls": c.calls, "reused": c.reused, "steps": [s.__dict__ for s in c.steps]}
                 for n, c in self.contexts.items()

@@ -19,10 +19,10 @@ from .config import ResolvedConfig
 ACC = 0  # accumulated rescaled distance
 STEP = 1  # index of the next call within its generation
 HAS_PREV = 2  # 1.0 once prev_signal holds this generation's previous signal
-GENERATION = slice(ACC, HAS_PREV + 1)  # what a new generation clears: adjacent, so one fill does it
-CALLS = 3  # calls since the state was allocated
-REUSED = 4  # of those, calls that reused the residual
-LOGGED = 5  # rows of `log` that belong to the current (or last finished) generation
+LOGGED = 3  # rows of `log` that belong to the current (or last finished) generation
+GENERATION = slice(ACC, LOGGED + 1)  # what a new generation clears: adjacent, so one fill does it
+CALLS = 4  # calls since the state was allocated
+REUSED = 5  # of those, calls that reused the residual
 NUM_SCALARS = 8
 
 # `config`: what the user chose, on the device so changing it never recompiles a graph.
@@ -110,6 +110,6 @@ class ContextState:
         self.config.copy_(torch.tensor(config_values(config), dtype=torch.float64))
 
     def reset(self) -> None:
-        """Start a new generation in place. Keeps the lifetime counters and the last generation's log."""
+        """Start a new generation in place: clears the accumulator, counter and log view; keeps lifetime counts."""
         if self.allocated:
             self.scalars[GENERATION].zero_()

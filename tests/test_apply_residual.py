@@ -70,3 +70,15 @@ def test_opcheck_apply_residual():
     for flag in (True, False):
         x, out, res = buffers(300, torch.float32, "cpu")
         torch.library.opcheck(torch.ops.teacache.apply_residual.default, (torch.tensor(flag), x, out, res))
+
+
+def test_rejects_wrong_buffers_by_name():
+    x = torch.randn(8, 4)
+    with pytest.raises(ValueError, match=r"out must match the stream/signal: shape \(8, 4\)"):
+        apply_residual_(torch.tensor(True), x, torch.empty(4, 8), torch.zeros_like(x))
+    with pytest.raises(ValueError, match="residual must be contiguous"):
+        apply_residual_(torch.tensor(True), x, torch.empty_like(x), torch.zeros(4, 8).t())
+    with pytest.raises(TypeError, match="reuse must be torch.bool"):
+        apply_residual_(torch.tensor(1), x, torch.empty_like(x), torch.zeros_like(x))
+    with pytest.raises(ValueError, match="reuse must be a 0-d bool tensor"):
+        apply_residual_(torch.tensor([True]), x, torch.empty_like(x), torch.zeros_like(x))

@@ -54,3 +54,12 @@ def test_resolved_config_takes_the_sets_default_threshold():
 def test_explicit_coefficients_need_a_threshold():
     with pytest.raises(ValueError, match="rel_l1_thresh is required with explicit coefficients"):
         ResolvedConfig.resolve(TeaCacheConfig(coefficients=[1.0, 0.0]), "flux")
+
+
+def test_numpy_scalars_are_accepted_and_stored_as_python_numbers():
+    np = pytest.importorskip("numpy")
+    c = TeaCacheConfig(rel_l1_thresh=np.float32(0.25), num_inference_steps=np.int64(28), warmup_steps=np.int32(2))
+    assert c.rel_l1_thresh == 0.25 and type(c.rel_l1_thresh) is float
+    assert c.num_inference_steps == 28 and type(c.num_inference_steps) is int and type(c.warmup_steps) is int
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer >= 1, got 28.0"):
+        TeaCacheConfig(num_inference_steps=28.0)

@@ -2,8 +2,10 @@
 
 The ops take their CUDA branch (`wrap_triton`) on fake CUDA tensors; AOTAutograd functionalizes them
 into `triton_kernel_wrapper_functional` calls, and Triton's own mutation analysis (TTIR for sm_90)
-reports which arguments each kernel writes. Inductor clones what it believes is written, so the sets
-must be exactly the declared mutations: a stray store to the signal would cost a copy of it per step.
+reports which arguments each kernel writes. Those are the tensors Inductor must either write in place
+or clone, so the sets must be exactly the declared mutations: a stray store to the signal would put a
+copy of it on every step. Whether Inductor's reinplacing then avoids every clone is only visible in
+its generated code on a GPU (unverified here).
 """
 
 import json

@@ -175,3 +175,49 @@ def test_opcheck_decide():
     st.allocate(sig[0], sig[0], config)
     args = (sig[1], st.prev_signal, st.scalars, st.config, st.log, st.partials, st.ticket)
     torch.library.opcheck(torch.ops.teacache.decide.default, args)
+
+
+def distance_walk(distances, numel=256, dtype=torch.float32):
+    """Signals with relative L1 distances `distances` between consecutive calls (s_{k+1} = s_k * (1 + d))."""
+    s = torch.rand(numel, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    out = [s.to(dtype)]
+    for d in distances:
+        s = s * (1.0 + d)
+        out.append(s.to(dtype))
+    return out
+
+
+def test_threshold_zero_is_off_even_for_a_negative_polynomial(impl):
+    config = ResolvedConfig.resolve(TeaCacheConfig(rel_l1_thresh=0.0, coefficients="flux-kontext", num_inference_steps=6), "flux")
+    schedule, _ = check_against_oracle(distance_walk([0.5] * 5), config, impl)
+    assert schedule == "CCCCCC"
+
+
+def test_infinite_polynomial_value_computes_and_clears_the_accumulator(impl):
+    # -1e308 * x^2: finite (-1e304) at x = 0.01, -inf at x = 9
+    config = ResolvedConfig.resolve(TeaCacheConfig(rel_l1_thresh=0.5, coefficients=(-1e308, 0.0, 0.0), num_inference_steps=7), "flux")
+    schedule, oracle = check_against_oracle(distance_walk([0.01, 9.0, 0.01, 0.01, 0.01, 0.01]), config, impl)
+    assert schedule == "CRCRRRC"
+    assert oracle.history[2].acc == 0.0
+
+
+@pytest.mark.parametrize(
+    "field, bad, message",
+    [
+        ("prev_signal", torch.zeros(2, 64), r"prev_signal must match the stream/signal: shape \(1, 64\)"),
+        ("prev_signal", torch.zeros(1, 64, dtype=torch.float16), "prev_signal must be torch.float32, got torch.float16"),
+        ("scalars", torch.zeros(S.NUM_SCALARS, dtype=torch.float32), "scalars must be torch.float64, got torch.float32"),
+        ("log", torch.zeros(8, dtype=torch.float64), r"log must be \[capacity, 4\], got shape \(8,\)"),
+        ("partials", torch.zeros(16), "partials must hold at least 2048 elements"),
+        ("ticket", torch.zeros(1, dtype=torch.int64), "ticket must be torch.int32, got torch.int64"),
+    ],
+)
+def test_decide_rejects_wrong_buffers_by_name(field, bad, message):
+    sig = torch.randn(1, 64)
+    st = S.ContextState("t")
+    st.allocate(sig, sig, flux_config())
+    args = dict(signal=sig, prev_signal=st.prev_signal, scalars=st.scalars, config=st.config, log=st.log,
+                partials=st.partials, ticket=st.ticket)  # fmt: skip
+    args[field] = bad
+    with pytest.raises((TypeError, ValueError), match=message):
+        decide(**args)

@@ -239,3 +239,44 @@ def test_summary_table_names_unknown_contexts(inputs):
     _, summary, _ = generate(inputs, rel_l1_thresh=0.6)
     with pytest.raises(KeyError, match=r"no calls recorded in context 'uncond'; contexts: \['cond'\]"):
         summary.table("uncond")
+
+
+def test_reset_with_a_new_step_count(inputs):
+    latents, cond, _ = inputs
+    _, _, model = generate(inputs, rel_l1_thresh=0.6)
+    tk.reset_teacache(model, num_inference_steps=8)
+    flow_matching_loop(model, latents, cond, 8)
+    steps = tk.summary(model).contexts["cond"].steps
+    assert len(steps) == 8 and not steps[-1].reused  # the new last call is forced
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer >= 1, got 0"):
+        tk.reset_teacache(model, num_inference_steps=0)
+
+
+def test_warmup_and_cooldown_in_the_model(inputs):
+    out, summary, _ = generate(inputs, rel_l1_thresh=50.0, warmup_steps=3, cooldown_steps=2)
+    ref, ref_summary, _ = generate(inputs, rel_l1_thresh=50.0, warmup_steps=3, cooldown_steps=2, reference=True)
+    assert summary.contexts["cond"].schedule == ref_summary.contexts["cond"].schedule == "CCC" + "R" * (STEPS - 5) + "CC"
+    assert torch.equal(out, ref)
+
+
+def test_an_instance_cache_context_is_wrapped_then_restored():
+    """A cache_context someone installed on the instance keeps working while enabled and is put back after."""
+    import contextlib
+
+    model = tiny_flux_transformer(SHAPE)
+    seen, class_method = [], model.cache_context
+
+    @contextlib.contextmanager
+    def mine(name, **kwargs):
+        seen.append(name)
+        with class_method(name, **kwargs):
+            yield
+
+    model.cache_context = mine
+    tk.enable_teacache(model, num_inference_steps=4)
+    latents, cond = flux_inputs(SHAPE)
+    with model.cache_context("uncond"):
+        model(hidden_states=latents, timestep=torch.ones(1), **cond)
+    assert seen == ["uncond"] and "uncond" in tk.summary(model).contexts
+    tk.disable_teacache(model)
+    assert model.cache_context is mine

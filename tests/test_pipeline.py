@@ -96,3 +96,56 @@ def test_compiled_pipeline_end_to_end():
     assert "uncond" in str(tk.summary(pipe))
     tk.disable_teacache(pipe)  # works through the compiled wrapper too
     assert not hasattr(pipe.transformer._orig_mod, "_teacache")
+
+
+def test_a_replaced_scheduler_is_followed():
+    """Users swap schedulers (`pipe.scheduler = X.from_config(...)`): the new one must drive the generations."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe, ref = tiny_flux_pipeline(SHAPE), tiny_flux_pipeline(SHAPE)
+    tk.enable_teacache(pipe, rel_l1_thresh=0.6)
+    tk.enable_teacache(ref, rel_l1_thresh=0.6, reference=True)
+    call(pipe, 12, cfg=False)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    for steps in (20, 5):
+        out, expected = call(pipe, steps, cfg=False), call(ref, steps, cfg=False)
+        cond = tk.summary(pipe).contexts["cond"]
+        assert len(cond.steps) == steps and cond.schedule[-1] == "C"  # counted from the new scheduler; last forced
+        assert torch.equal(out, expected)
+
+
+def test_switching_to_the_reference_keeps_the_pipeline():
+    pipe = tiny_flux_pipeline(SHAPE)
+    tk.enable_teacache(pipe)  # the coefficient set's default threshold
+    call(pipe, 8)
+    with pytest.raises(ValueError, match="rel_l1_thresh is required with explicit coefficients"):
+        tk.enable_teacache(pipe, reference=True, coefficients=[1.0, 0.0])  # invalid: nothing may change
+    assert tk.summary(pipe).implementation == "fused" and "set_timesteps" in vars(pipe.scheduler)
+    tk.enable_teacache(pipe.transformer, reference=True)  # no num_inference_steps needed: the pipeline is known
+    call(pipe, 9)
+    s = tk.summary(pipe)
+    assert s.implementation == "reference" and all(len(c.steps) == 9 for c in s.contexts.values())
+
+
+def test_summary_shows_the_contexts_of_the_latest_generation():
+    pipe = tiny_flux_pipeline(SHAPE)
+    tk.enable_teacache(pipe, rel_l1_thresh=0.6)
+    call(pipe, 10, cfg=True)
+    call(pipe, 6, cfg=False)
+    s = tk.summary(pipe)
+    assert list(s.contexts) == ["cond"] and len(s.contexts["cond"].steps) == 6
+    assert s.calls == 2 * 10 + 6  # lifetime, all contexts
+
+
+def test_num_inference_steps_given_with_a_pipeline_warns():
+    with pytest.warns(UserWarning, match="learned from the pipeline's scheduler"):
+        tk.enable_teacache(tiny_flux_pipeline(SHAPE), num_inference_steps=12)
+
+
+def test_a_diffusers_cache_already_enabled_is_refused():
+    from diffusers import FirstBlockCacheConfig
+
+    pipe = tiny_flux_pipeline(SHAPE)
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    with pytest.raises(RuntimeError, match="FirstBlockCacheConfig.*disable_cache"):
+        tk.enable_teacache(pipe)

@@ -4,8 +4,9 @@
 each kernel, dtype and arch, in a process without TRITON_INTERPRET. Checked statically:
   - 128-bit vectorised global loads and stores on the streams (ld/st.global.v4.b32),
   - no local memory: no `.local` in the PTX, and `LOCAL:0 STACK:0` in the cubin (no spills),
-  - decide: the ticket is an acq_rel atomic at GPU scope after a CTA barrier, the last program reads
-    the partials with volatile loads, and the scalar state machine runs in float64,
+  - decide: the partial sums are stored by the same thread that then takes the ticket (an acq_rel
+    atomic at GPU scope), the last program reads the partials with volatile loads, and the scalar
+    state machine runs in float64,
   - apply_residual, bf16: results round to nearest even, as torch's, never toward zero.
 """
 
@@ -58,7 +59,13 @@ def test_decide_kernel_machine_code(machine_code, dtype, arch):
     assert count(ptx, V4_STORE) >= 1, "the prev_signal store is not 128-bit"
     atomics = re.findall(r"atom\.global[\w\.]*", ptx)
     assert atomics and all("acq_rel" in a and "gpu" in a for a in atomics), atomics
-    assert ptx.index("bar.sync") < ptx.index("atom.global"), "partials must be stored before the ticket is taken"
+    # The partials are ordered before the ticket because one thread (tid.x == 0) stores both of them and
+    # then takes the ticket, in program order: its acq_rel release covers them.
+    atom = re.search(r"@(%p\d+) atom\.global", ptx)
+    pred = atom.group(1)
+    assert count(ptx[: atom.start()], rf"@{pred} st\.global\.b32") >= 2, "partials not stored by the ticket's thread"
+    tid = re.search(r"mov\.u32\s+(%r\d+), %tid\.x;", ptx).group(1)
+    assert re.search(rf"setp\.eq\.[bsu]32\s+{pred}, {tid}, 0;", ptx), f"{pred} does not select thread 0"
     assert count(ptx, r"ld\.volatile\.global") >= 1, "the last program must read the partials volatile"
     assert count(ptx, r"div\.rn\.f64") and count(ptx, r"(?:add|fma\.rn)\.f64"), "scalar math is not float64"
     assert_no_local_memory(ptx, usage)

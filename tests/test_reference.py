@@ -110,3 +110,18 @@ def test_history_records_every_call():
     assert [r.x for r in h[1:]] == pytest.approx([0.1] * 3)
     assert [r.y for r in h[1:]] == pytest.approx([0.2] * 3)
     assert [r.reused for r in h] == [False, True, False, False]
+
+
+def test_threshold_zero_is_off_even_for_a_negative_polynomial():
+    # flux-kontext goes negative past x = 0.24: the original's `acc < 0` would reuse; 0 means off here.
+    from teacache_kernels.coefficients import PUBLISHED
+
+    oracle = TeaCacheOracle(make_config(thresh=0.0, coefficients=PUBLISHED["flux-kontext"].coefficients, steps=6))
+    assert schedule(oracle, signals_with_distances([0.5] * 5)) == "CCCCCC"
+
+
+def test_an_infinite_polynomial_value_computes_instead_of_poisoning_the_accumulator():
+    # -1e308 * x^2 overflows to -inf for x = 10: that call computes, and the accumulator restarts at 0.
+    oracle = TeaCacheOracle(make_config(thresh=0.5, coefficients=(-1e308, 0.0, 0.0), steps=7))
+    assert schedule(oracle, signals_with_distances([1e-160, 9.0, 1e-160, 1e-160, 1e-160, 1e-160])) == "CRCRRRC"
+    assert [h.acc for h in oracle.history][2:4] == [0.0, pytest.approx(-1e-12, abs=1e-11)]

@@ -45,3 +45,25 @@ def check_numel(numel: int, what: str) -> None:
     # Kernel offsets are int32; a signal this large (8 GiB in bf16) is far beyond any model we know.
     if numel >= 2**31 - 2**24:
         raise ValueError(f"{what} has {numel} elements; the fused kernels index with int32 (< 2**31 - 2**24)")
+
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_buffer(name: str, t: torch.Tensor, *, dtype=None, numel=None, like=None, contiguous=True) -> None:
+    """Metadata checks with the bad value named. Static under torch.compile: no graph break, no runtime cost.
+
+    A kernel handed a wrong buffer would read or write out of bounds on a GPU; better a clear error here.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if dtype is not None and t.dtype not in (dtype if isinstance(dtype, tuple) else (dtype,)):
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if numel is not None and t.numel() < numel:
+        raise ValueError(f"{name} must hold at least {numel} elements, got shape {tuple(t.shape)}")
+    if like is not None:
+        if t.shape != like.shape or t.device != like.device:
+            raise ValueError(f"{name} must match the stream/signal: shape {tuple(like.shape)} on {like.device}, "
+                             f"got {tuple(t.shape)} on {t.device}")  # fmt: skip
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (it is written in place by flat index)")

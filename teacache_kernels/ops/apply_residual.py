@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._backend import check_numel, use_triton
+from ._backend import FLOATS, check_buffer, check_numel, use_triton
 
 BLOCK = 2048
 NUM_WARPS = 8
@@ -82,4 +82,10 @@ def apply_residual_(reuse: torch.Tensor, x: torch.Tensor, out: torch.Tensor, res
     out: contiguous, same shape and dtype as x. residual: contiguous, same shape as x (same dtype as
     the original TeaCache keeps it: the stream's).
     """
+    check_buffer("x", x, dtype=FLOATS, contiguous=False)
+    check_buffer("out", out, dtype=FLOATS, like=x)
+    check_buffer("residual", residual, dtype=FLOATS, like=x)
+    check_buffer("reuse", reuse, dtype=torch.bool, contiguous=False)
+    if reuse.dim() != 0 or reuse.device != x.device:
+        raise ValueError(f"reuse must be a 0-d bool tensor on {x.device}, got shape {tuple(reuse.shape)} on {reuse.device}")
     _apply_residual_op(reuse, x, out, residual)

@@ -17,7 +17,7 @@ from torch.library import triton_op, wrap_triton
 
 from .. import state as S
 from ..coefficients import MAX_COEFFICIENTS
-from ._backend import check_numel, use_triton
+from ._backend import FLOATS, check_buffer, check_numel, use_triton
 
 # Triton reads module globals only when they are constexpr: mirror the layout of state.py.
 _ACC = tl.constexpr(S.ACC)
@@ -74,8 +74,10 @@ def _decide_kernel(
     tl.store(partials_ptr + pid, tl.sum(diff, axis=0))
     tl.store(partials_ptr + MAX_PROGRAMS + pid, tl.sum(base, axis=0))
 
-    # Ticket: every thread's partial store is ordered before this program's acq_rel atomic by the barrier,
-    # and the last program's acquire makes all partials visible to it (the "threadFenceReduction" pattern).
+    # Ticket (CUDA's "threadFenceReduction" pattern). Triton stores the scalar partials from thread 0 and
+    # takes the ticket from thread 0, in program order, so the atomic's release covers the partials, and
+    # the last program's acquire makes every program's partials visible to it (tests/test_ptx.py checks
+    # the shared predicate). The barrier keeps that true should the stores ever come from other threads.
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == num_programs - 1:
@@ -102,7 +104,8 @@ def _decide_kernel(
             y = y * x + tl.load(config_ptr + _COEFFS + i)
         candidate = acc + y
         forced = (has_prev == 0) | (step < warmup) | ((num_steps > 0.0) & (step >= num_steps - cooldown))
-        reuse = (forced == 0) & finite & (candidate < thresh)
+        forced = forced | (thresh == 0.0)  # the off switch, whatever sign the polynomial takes
+        reuse = (forced == 0) & finite & ((candidate - candidate) == 0.0) & (candidate < thresh)
         acc = tl.where(reuse, candidate, 0.0)
 
         known = has_prev & finite
@@ -187,8 +190,8 @@ def decide_torch(
     for i in range(1, MAX_COEFFICIENTS):
         y = y * x + config[S.COEFFS + i]
     candidate = acc + y
-    forced = ~has_prev | (step < warmup) | ((num_steps > 0) & (step >= num_steps - cooldown))
-    reuse = ~forced & finite & (candidate < thresh)
+    forced = ~has_prev | (step < warmup) | ((num_steps > 0) & (step >= num_steps - cooldown)) | (thresh == 0)
+    reuse = ~forced & finite & torch.isfinite(candidate) & (candidate < thresh)
     acc = torch.where(reuse, candidate, 0.0)
 
     known = has_prev & finite
@@ -253,4 +256,19 @@ def decide(
     log: float64 [capacity, state.LOG_WIDTH], partials: float32 [2 * state.MAX_PROGRAMS],
     ticket: int32 [1] (zero between calls). `state.ContextState` allocates all of them.
     """
+    check_buffer("signal", signal, dtype=FLOATS, contiguous=False)
+    check_buffer("prev_signal", prev_signal, dtype=signal.dtype, like=signal)
+    device = signal.device
+    for name, t, dtype, numel in (
+        ("scalars", scalars, torch.float64, S.NUM_SCALARS),
+        ("config", config, torch.float64, S.NUM_CONFIG),
+        ("log", log, torch.float64, S.LOG_WIDTH),
+        ("partials", partials, torch.float32, 2 * S.MAX_PROGRAMS),
+        ("ticket", ticket, torch.int32, 1),
+    ):
+        check_buffer(name, t, dtype=dtype, numel=numel)
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, the signal on {device}")
+    if log.dim() != 2 or log.shape[1] != S.LOG_WIDTH:
+        raise ValueError(f"log must be [capacity, {S.LOG_WIDTH}], got shape {tuple(log.shape)}")
     return _decide_op(signal, prev_signal, scalars, config, log, partials, ticket)
