@@ -52,6 +52,24 @@ def reference_step(signal: torch.Tensor, state: dict, coefficients) -> bool:
     return reuse
 
 
+def measure(shape, device, dtype, config, coefficients, compiled_decide, repeats):
+    """Median seconds per call of each implementation at one signal shape; bytes the fused op moves."""
+    g = torch.Generator(device=device).manual_seed(0)
+    signal = torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+    ref_state = {"prev": signal * 1.01, "acc": 0.0}
+    st = S.ContextState("bench")
+    st.allocate(signal, signal, config)
+    st.prev_signal.copy_(signal * 1.01)
+    buffers = (st.prev_signal, st.scalars, st.config, st.log, st.partials, st.ticket)
+    time_fused = time_cuda if device == "cuda" else time_cpu
+    time_ref = time_host_cuda if device == "cuda" else time_cpu
+    timings = {"eager reference": time_ref(lambda: reference_step(signal, ref_state, coefficients), repeats)}
+    with torch.no_grad():
+        timings["fused"] = time_fused(lambda: decide(signal, *buffers), repeats)
+        timings["fused, compiled"] = time_fused(lambda: compiled_decide(signal, *buffers), repeats)
+    return timings, 3 * signal.numel() * signal.element_size(), signal.numel()  # reads signal + prev, writes prev
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -70,36 +88,21 @@ def main(argv=None) -> int:
     config = ResolvedConfig.resolve(TeaCacheConfig(rel_l1_thresh=0.4, num_inference_steps=10**6), "flux")
     coefficients = PUBLISHED["flux"].coefficients
     compiled_decide = torch.compile(decide, fullgraph=True)
-    time_fused = time_cuda if device == "cuda" else time_cpu
-    time_ref = time_host_cuda if device == "cuda" else time_cpu
 
     rows = []
     for name, shape in shapes.items():
         print(f"  {name} ...", flush=True)
-        g = torch.Generator(device=device).manual_seed(0)
-        signal = torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
-        ref_state = {"prev": signal * 1.01, "acc": 0.0}
-        st = S.ContextState("bench")
-        st.allocate(signal, signal, config)
-        st.prev_signal.copy_(signal * 1.01)
-        nbytes = 3 * signal.numel() * signal.element_size()  # reads signal and prev, writes prev
-
-        def fused(fn):
-            return lambda: fn(signal, st.prev_signal, st.scalars, st.config, st.log, st.partials, st.ticket)
-
-        t_ref = time_ref(lambda: reference_step(signal, ref_state, coefficients), repeats)
-        timings = {"eager reference": t_ref, "fused": time_fused(fused(decide), repeats)}
-        with torch.no_grad():
-            timings["fused, compiled"] = time_fused(fused(compiled_decide), repeats)
+        timings, nbytes, numel = measure(shape, device, dtype, config, coefficients, compiled_decide, repeats)
+        t_ref = timings["eager reference"]
         for impl, t in timings.items():
+            fused = impl != "eager reference"
             rows.append({
                 "hardware": hw, **versions(), "device": device, "dtype": args.dtype, "signal": name,
-                "numel": signal.numel(), "impl": impl, "median_us": f"{t * 1e6:.1f}",
-                "GB/s": f"{nbytes / t / 1e9:.1f}" if impl != "eager reference" else "-",
-                "pct_of_copy": f"{100 * nbytes / t / copy_bw:.0f}%" if impl != "eager reference" else "-",
+                "numel": numel, "impl": impl, "median_us": f"{t * 1e6:.1f}",
+                "GB/s": f"{nbytes / t / 1e9:.1f}" if fused else "-",
+                "pct_of_copy": f"{100 * nbytes / t / copy_bw:.0f}%" if fused else "-",
                 "speedup_vs_reference": f"{t_ref / t:.2f}x",
             })  # fmt: skip
-        del signal, st, ref_state
 
     print()
     print_table(rows, ["signal", "impl", "median_us", "GB/s", "pct_of_copy", "speedup_vs_reference"])

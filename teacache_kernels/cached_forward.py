@@ -7,7 +7,7 @@ produces a 0-d bool tensor, `torch.cond` branches on it without a graph break, a
 the `torch.cond` itself to a host `if` on the flag: torch 2.13's one remaining read per step, which the
 CUDA-graph path is to remove.)
 
-Eagerly (no torch.compile), skipping the blocks needs the decision on the host: one `.item()` per step,
+Eagerly (no torch.compile), skipping the blocks needs the decision on the host: one host read per step,
 as in every eager TeaCache. Eager `torch.cond` reads the flag on the host just the same, with more
 dispatch around it; bench/bench_branch.py measures the two, and eager runs the Python branch.
 """
@@ -38,7 +38,7 @@ def _fresh_output(full: Callable[..., torch.Tensor]) -> Callable[..., torch.Tens
 class FusedCache:
     """Per-CFG-context TeaCache state on the device, and the cached run of a block span."""
 
-    # How eager (uncompiled) calls branch: "python" (one .item()) or "cond" (torch.cond run eagerly, which
+    # How eager (uncompiled) calls branch: "python" (one host read) or "cond" (torch.cond run eagerly, which
     # reads the flag on the host as well). bench/bench_branch.py measures both; "python" was faster.
     eager_branch = "python"
 

@@ -10,7 +10,6 @@ as torch), which tests/test_ptx.py checks in the compiled kernel.
 import pytest
 import torch
 
-from teacache_kernels import ops
 from teacache_kernels.ops import _backend
 from teacache_kernels.ops.apply_residual import apply_residual_
 

@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 
-from teacache_kernels import ops
 from teacache_kernels import state as S
 from teacache_kernels.config import ResolvedConfig, TeaCacheConfig
 from teacache_kernels.ops.decide import _decide_kernel, decide, launch_decide
