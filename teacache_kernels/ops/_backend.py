@@ -50,7 +50,7 @@ def check_numel(numel: int, what: str) -> None:
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_buffer(name: str, t: torch.Tensor, *, dtype=None, numel=None, like=None, contiguous=True) -> None:
+def check_buffer(name: str, t: torch.Tensor, *, dtype=None, numel=None, like=None, device=None, contiguous=True) -> None:
     """Metadata checks with the bad value named. Static under torch.compile: no graph break, no runtime cost.
 
     A kernel handed a wrong buffer would read or write out of bounds on a GPU; better a clear error here.
@@ -65,5 +65,7 @@ def check_buffer(name: str, t: torch.Tensor, *, dtype=None, numel=None, like=Non
         if t.shape != like.shape or t.device != like.device:
             raise ValueError(f"{name} must match the stream/signal: shape {tuple(like.shape)} on {like.device}, "
                              f"got {tuple(t.shape)} on {t.device}")  # fmt: skip
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the signal/stream on {device}")
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (it is written in place by flat index)")

@@ -85,7 +85,7 @@ def apply_residual_(reuse: torch.Tensor, x: torch.Tensor, out: torch.Tensor, res
     check_buffer("x", x, dtype=FLOATS, contiguous=False)
     check_buffer("out", out, dtype=FLOATS, like=x)
     check_buffer("residual", residual, dtype=FLOATS, like=x)
-    check_buffer("reuse", reuse, dtype=torch.bool, contiguous=False)
-    if reuse.dim() != 0 or reuse.device != x.device:
-        raise ValueError(f"reuse must be a 0-d bool tensor on {x.device}, got shape {tuple(reuse.shape)} on {reuse.device}")
+    check_buffer("reuse", reuse, dtype=torch.bool, device=x.device, contiguous=False)
+    if reuse.dim() != 0:
+        raise ValueError(f"reuse must be a 0-d bool tensor, got shape {tuple(reuse.shape)}")
     _apply_residual_op(reuse, x, out, residual)

@@ -258,7 +258,6 @@ def decide(
     """
     check_buffer("signal", signal, dtype=FLOATS, contiguous=False)
     check_buffer("prev_signal", prev_signal, dtype=signal.dtype, like=signal)
-    device = signal.device
     for name, t, dtype, numel in (
         ("scalars", scalars, torch.float64, S.NUM_SCALARS),
         ("config", config, torch.float64, S.NUM_CONFIG),
@@ -266,9 +265,7 @@ def decide(
         ("partials", partials, torch.float32, 2 * S.MAX_PROGRAMS),
         ("ticket", ticket, torch.int32, 1),
     ):
-        check_buffer(name, t, dtype=dtype, numel=numel)
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device}, the signal on {device}")
+        check_buffer(name, t, dtype=dtype, numel=numel, device=signal.device)
     if log.dim() != 2 or log.shape[1] != S.LOG_WIDTH:
         raise ValueError(f"log must be [capacity, {S.LOG_WIDTH}], got shape {tuple(log.shape)}")
     return _decide_op(signal, prev_signal, scalars, config, log, partials, ticket)
