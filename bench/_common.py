@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -13,21 +11,13 @@ from typing import Callable
 
 import torch
 
+from teacache_kernels._hardware import describe
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def hardware(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return describe(device)
 
 
 def versions() -> dict:
