@@ -37,6 +37,10 @@ def enable_teacache(pipe_or_transformer: Any, config: TeaCacheConfig | None = No
     Calling it again on an enabled model updates the config in place (no recompilation).
     `reference=True` runs the eager oracle (`reference.ReferenceCache`) instead of the fused ops.
     Enable before `torch.compile`, and after loading LoRAs or setting attention processors.
+
+    A model you calibrated yourself: `enable_teacache(pipe, coefficients_file="my_model.teacache.json")`
+    (written by `python -m teacache_kernels calibrate`): each CFG context uses the set fitted at the
+    sequence length nearest its own, and that set's recommended threshold unless `rel_l1_thresh` is given.
     """
     from .cached_forward import FusedCache
     from .install import install, uninstall

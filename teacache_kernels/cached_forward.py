@@ -44,6 +44,7 @@ class FusedCache:
 
     def __init__(self, config: ResolvedConfig):
         self.config = config
+        self.signal = config.signal  # a plain string the span reads: guarded by value, whatever the config object
         self.contexts: dict[str, S.ContextState] = {}
         self._active: S.ContextState = S.ContextState("default")
         self.contexts["default"] = self._active
@@ -62,6 +63,7 @@ class FusedCache:
 
     def set_config(self, config: ResolvedConfig) -> None:
         self.config = config
+        self.signal = config.signal
         for st in self.contexts.values():
             st.write_config(config)
 

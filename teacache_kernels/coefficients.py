@@ -332,3 +332,73 @@ def resolve(coefficients: str | Sequence[float]) -> tuple[float, ...]:
     if bad:
         raise ValueError(f"coefficients must be finite, got {values}")
     return values
+
+
+# --- Calibrated sets: the JSON files `teacache_kernels calibrate` writes ------------------------------
+
+FILE_FORMAT = "teacache_kernels/coefficients/1"
+RUNTIME_SIGNALS = ("modulated_input", "timestep_embedding")  # what a cached span can compare at run time
+
+
+@dataclass(frozen=True)
+class CalibratedSet:
+    """One fitted sequence length of a calibrated model."""
+
+    seq_len: int
+    coefficients: tuple[float, ...]
+    x_range: tuple[float, float]  # the x values the fit saw
+    recommended_thresh: float | None  # from `teacache_kernels threshold --save`, if it was run
+    signal: str
+
+
+def load_calibrated(path, model: str | None = None) -> tuple[str, tuple[CalibratedSet, ...]]:
+    """(model name, its sets sorted by sequence length) from a calibration file; errors name what is wrong."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"coefficients_file {str(path)!r} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"coefficients_file {str(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != FILE_FORMAT or not isinstance(data.get("models"), dict):
+        raise ValueError(f"coefficients_file {str(path)!r} is not a {FILE_FORMAT!r} file (write it with `calibrate`)")
+    models = data["models"]
+    if model is None:
+        if len(models) != 1:
+            raise ValueError(f"coefficients_file {str(path)!r} holds models {sorted(models)}: choose one with calibrated_model=")
+        model = next(iter(models))
+    if model not in models:
+        raise ValueError(f"coefficients_file {str(path)!r} has no model {model!r}; it has {sorted(models)}")
+    sets = []
+    for seq_len, entry in models[model].items():
+        try:
+            lo, hi = (float(v) for v in entry["x_range"])
+            thresh = entry.get("recommended_thresh")
+            sets.append(
+                CalibratedSet(
+                    seq_len=int(seq_len),
+                    coefficients=resolve(entry["coefficients"]),
+                    x_range=(lo, hi),
+                    recommended_thresh=None if thresh is None else float(thresh),
+                    signal=str(entry["signal"]),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"coefficients_file {str(path)!r}: model {model!r}, sequence length {seq_len}: {e}") from None
+    if not sets:
+        raise ValueError(f"coefficients_file {str(path)!r}: model {model!r} has no fitted sequence length")
+    signals = {s.signal for s in sets}
+    if len(signals) != 1 or not signals <= set(RUNTIME_SIGNALS):
+        raise ValueError(
+            f"coefficients_file {str(path)!r}: model {model!r} was fitted on signal(s) {sorted(signals)}; "
+            f"TeaCache runs on one of {RUNTIME_SIGNALS} for all sequence lengths"
+        )
+    return model, tuple(sorted(sets, key=lambda s: s.seq_len))
+
+
+def nearest(sets: Sequence[CalibratedSet], seq_len: int) -> CalibratedSet:
+    """The set fitted at the sequence length closest to `seq_len` (on a tie, the longer one)."""
+    return min(sets, key=lambda s: (abs(s.seq_len - seq_len), -s.seq_len))

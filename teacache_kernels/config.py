@@ -6,6 +6,7 @@ import dataclasses
 import math
 import numbers
 import operator
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,6 +27,17 @@ class TeaCacheConfig:
         starts a new generation (state reset on the device).
     warmup_steps: the first calls of a generation always compute (the original forces 1).
     cooldown_steps: the last calls of a generation always compute (the original forces 1).
+
+    Beyond the original (all off by default; the oracle in reference.py defines each):
+    max_consecutive_skips: after this many reuses in a row the next call computes. None: no limit.
+    min_skip_step, max_skip_step: only calls whose index in the generation lies in
+        [min_skip_step, max_skip_step] (both inclusive) may reuse. None: no bound on that side.
+    clamp_x: clamp the relative L1 distance to a range before the polynomial, which is only fitted
+        there (a degree-4 fit can swing wildly outside it). A (lo, hi) pair, or True for the range a
+        calibration recorded (needs `coefficients_file`).
+    coefficients_file: a JSON file written by `teacache_kernels calibrate`: coefficients (and x range,
+        recommended threshold, signal) per fitted sequence length; each call uses the nearest length's.
+    calibrated_model: which model of that file; needed only when the file holds several.
     """
 
     rel_l1_thresh: float | None = None
@@ -33,6 +45,12 @@ class TeaCacheConfig:
     num_inference_steps: int | None = None
     warmup_steps: int = 1
     cooldown_steps: int = 1
+    max_consecutive_skips: int | None = None
+    min_skip_step: int | None = None
+    max_skip_step: int | None = None
+    clamp_x: bool | tuple[float, float] = False
+    coefficients_file: str | os.PathLike | None = None
+    calibrated_model: str | None = None
 
     def __post_init__(self) -> None:
         t = self.rel_l1_thresh
@@ -45,13 +63,33 @@ class TeaCacheConfig:
             resolved = self.coefficients if isinstance(self.coefficients, str) else tuple(self.coefficients)
             _coefficients.resolve(resolved)  # raises with the bad value named
             object.__setattr__(self, "coefficients", resolved)
-        for field, least in (("num_inference_steps", 1), ("warmup_steps", 0), ("cooldown_steps", 0)):
+        optional = {"num_inference_steps", "max_consecutive_skips", "min_skip_step", "max_skip_step"}
+        for field, least in (
+            ("num_inference_steps", 1),
+            ("warmup_steps", 0),
+            ("cooldown_steps", 0),
+            ("max_consecutive_skips", 0),
+            ("min_skip_step", 0),
+            ("max_skip_step", 0),
+        ):
             v = getattr(self, field)
-            if v is None and field == "num_inference_steps":
+            if v is None and field in optional:
                 continue
             if not _is_int(v) or v < least:
                 raise ValueError(f"{field} must be an integer >= {least}, got {v!r}")
             object.__setattr__(self, field, operator.index(v))
+        lo, hi = self.min_skip_step, self.max_skip_step
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"min_skip_step ({lo}) must be <= max_skip_step ({hi})")
+        object.__setattr__(self, "clamp_x", _clamp_range(self.clamp_x))
+        if self.clamp_x is True and self.coefficients_file is None:
+            raise ValueError("clamp_x=True clamps to a calibrated x range: give coefficients_file=..., or a (lo, hi) pair")
+        if self.coefficients_file is not None:
+            if self.coefficients is not None:
+                raise ValueError("give coefficients or coefficients_file, not both")
+            object.__setattr__(self, "coefficients_file", os.fspath(self.coefficients_file))
+        elif self.calibrated_model is not None:
+            raise ValueError("calibrated_model names a model of a coefficients_file; no coefficients_file was given")
 
     @classmethod
     def from_fields(cls, config: "TeaCacheConfig | None", fields: dict) -> "TeaCacheConfig":
@@ -68,6 +106,19 @@ class TeaCacheConfig:
         return TeaCacheConfig.from_fields(self, fields)
 
 
+def _clamp_range(v):
+    """False, True, or a (lo, hi) pair of finite floats with lo < hi."""
+    if isinstance(v, bool):
+        return v
+    try:
+        lo, hi = (float(b) for b in v)
+    except (TypeError, ValueError):
+        raise ValueError(f"clamp_x must be False, True or a (lo, hi) pair of numbers, got {v!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"clamp_x must be a finite range with lo < hi, got {v!r}")
+    return (lo, hi)
+
+
 def _is_int(v) -> bool:
     """An integer (numpy's included), not a bool and not a float that happens to be whole."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
@@ -75,7 +126,11 @@ def _is_int(v) -> bool:
 
 @dataclass(frozen=True)
 class ResolvedConfig:
-    """A TeaCacheConfig with every choice made: what the state machine and the kernels run on."""
+    """A TeaCacheConfig with every choice made: what the state machine and the kernels run on.
+
+    With a coefficients file, `calibrated` holds a set per fitted sequence length, and the state of a
+    context runs on `for_sequence(its length)`: that length's coefficients (and threshold, clamp range).
+    """
 
     rel_l1_thresh: float
     coefficients: tuple[float, ...]
@@ -83,9 +138,29 @@ class ResolvedConfig:
     warmup_steps: int
     cooldown_steps: int
     coefficient_set: str | None  # the published set's name, when one was used
+    max_consecutive_skips: int | None = None
+    min_skip_step: int | None = None
+    max_skip_step: int | None = None
+    x_range: tuple[float, float] | None = None  # clamp x to this range before the polynomial
+    signal: str = "modulated_input"  # which tensor the span compares (coefficients.RUNTIME_SIGNALS)
+    calibrated: tuple[_coefficients.CalibratedSet, ...] = ()
+    calibrated_model: str | None = None
+    thresh_from_file: bool = False  # rel_l1_thresh comes from each length's recommended_thresh
+    clamp_to_calibrated: bool = False  # x_range comes from each length's fitted range
 
     @classmethod
     def resolve(cls, config: TeaCacheConfig, default_set: str) -> "ResolvedConfig":
+        options = dict(
+            num_inference_steps=config.num_inference_steps,
+            warmup_steps=config.warmup_steps,
+            cooldown_steps=config.cooldown_steps,
+            max_consecutive_skips=config.max_consecutive_skips,
+            min_skip_step=config.min_skip_step,
+            max_skip_step=config.max_skip_step,
+            x_range=config.clamp_x if isinstance(config.clamp_x, tuple) else None,
+        )
+        if config.coefficients_file is not None:
+            return cls._from_file(config, options)
         chosen = config.coefficients if config.coefficients is not None else default_set
         name = chosen if isinstance(chosen, str) else None
         thresh = config.rel_l1_thresh
@@ -96,10 +171,43 @@ class ResolvedConfig:
                 )
             thresh = _coefficients.PUBLISHED[name].default_thresh
         return cls(
-            rel_l1_thresh=float(thresh),
-            coefficients=_coefficients.resolve(chosen),
-            num_inference_steps=config.num_inference_steps,
-            warmup_steps=config.warmup_steps,
-            cooldown_steps=config.cooldown_steps,
-            coefficient_set=name,
+            rel_l1_thresh=float(thresh), coefficients=_coefficients.resolve(chosen), coefficient_set=name, **options
+        )
+
+    @classmethod
+    def _from_file(cls, config: TeaCacheConfig, options: dict) -> "ResolvedConfig":
+        model, sets = _coefficients.load_calibrated(config.coefficients_file, config.calibrated_model)
+        thresh = config.rel_l1_thresh
+        if thresh is None:
+            missing = [s.seq_len for s in sets if s.recommended_thresh is None]
+            if missing:
+                raise ValueError(
+                    f"rel_l1_thresh is required: {config.coefficients_file!r} has no recommended_thresh for model "
+                    f"{model!r} at sequence length(s) {missing} (run `teacache_kernels threshold ... --save`)"
+                )
+        if config.clamp_x is True:
+            options["x_range"] = sets[-1].x_range
+        longest = sets[-1]  # what the config reports until a call fixes the sequence length
+        return cls(
+            rel_l1_thresh=float(thresh if thresh is not None else longest.recommended_thresh),
+            coefficients=longest.coefficients,
+            coefficient_set=None,
+            signal=longest.signal,
+            calibrated=sets,
+            calibrated_model=model,
+            thresh_from_file=thresh is None,
+            clamp_to_calibrated=config.clamp_x is True,
+            **options,
+        )
+
+    def for_sequence(self, seq_len: int) -> "ResolvedConfig":
+        """The config a context of `seq_len` tokens runs on: the nearest fitted length's set, if calibrated."""
+        if not self.calibrated:
+            return self
+        s = _coefficients.nearest(self.calibrated, seq_len)
+        return dataclasses.replace(
+            self,
+            coefficients=s.coefficients,
+            rel_l1_thresh=s.recommended_thresh if self.thresh_from_file else self.rel_l1_thresh,
+            x_range=s.x_range if self.clamp_to_calibrated else self.x_range,
         )

@@ -13,6 +13,9 @@ Per forward call of the transformer, with one state per CFG context:
   3. Otherwise x = mean|m - m_prev| / mean|m_prev| over all elements (batch included), acc += poly(x),
      and the call reuses the cached residual iff acc is finite and acc < rel_l1_thresh; else it computes
      and acc = 0.
+     Options beyond the original, each off by default: x is clamped to `x_range` before the polynomial
+     (the log keeps the raw x); a call is forced to compute after `max_consecutive_skips` reuses in a
+     row, and outside the steps [min_skip_step, max_skip_step]. Forced calls reset acc as in step 2.
   4. m_prev = m on every call, computed or reused.
   5. Compute: run the block span, residual = span_out - span_in. Reuse: span_out = span_in + residual.
   6. After `num_inference_steps` calls the generation ends: the step counter wraps to 0 and the
@@ -41,6 +44,7 @@ import torch
 
 from .coefficients import polyval
 from .config import ResolvedConfig
+from .state import sequence_length
 
 
 @dataclass(frozen=True)
@@ -72,12 +76,13 @@ class TeaCacheOracle:
     acc: float = 0.0
     prev: torch.Tensor | None = None
     history: list[StepRecord] = field(default_factory=list)  # the current (or last finished) generation
+    consecutive: int = 0  # reuses in a row so far
     calls: int = 0
     reused: int = 0
 
     def reset(self) -> None:
         """Start a new generation: forget the previous signal, the accumulator, the step counter and history."""
-        self.step, self.acc, self.prev, self.history = 0, 0.0, None, []
+        self.step, self.acc, self.prev, self.history, self.consecutive = 0, 0.0, None, [], 0
 
     def decide(self, signal: torch.Tensor) -> bool:
         """Feed one call's signal; True means reuse the cached residual, False means run the blocks."""
@@ -86,23 +91,28 @@ class TeaCacheOracle:
         if self.step == 0:  # a new generation's first call: the finished generation's history goes
             self.history = []
         x = rel_l1(signal, self.prev) if self.prev is not None else math.nan
-        y = polyval(cfg.coefficients, x) if math.isfinite(x) else math.nan
+        x_poly = x if cfg.x_range is None or not math.isfinite(x) else min(max(x, cfg.x_range[0]), cfg.x_range[1])
+        y = polyval(cfg.coefficients, x_poly) if math.isfinite(x) else math.nan
         forced = (
             self.prev is None
             or self.step < cfg.warmup_steps
             or (n is not None and self.step >= n - cfg.cooldown_steps)
             or cfg.rel_l1_thresh == 0.0
+            or (cfg.max_consecutive_skips is not None and self.consecutive >= cfg.max_consecutive_skips)
+            or (cfg.min_skip_step is not None and self.step < cfg.min_skip_step)
+            or (cfg.max_skip_step is not None and self.step > cfg.max_skip_step)
         )
         candidate = self.acc + y
         reuse = not forced and math.isfinite(candidate) and candidate < cfg.rel_l1_thresh
         self.acc = candidate if reuse else 0.0
+        self.consecutive = self.consecutive + 1 if reuse else 0
         self.history.append(StepRecord(self.step, x, y, self.acc, reuse))
         self.prev = signal.detach().clone()
         self.calls += 1
         self.reused += int(reuse)
         self.step += 1
         if n is not None and self.step >= n:  # generation over: forget m_prev and acc, keep its history
-            self.step, self.acc, self.prev = 0, 0.0, None
+            self.step, self.acc, self.prev, self.consecutive = 0, 0.0, None, 0
         return reuse
 
 
@@ -114,6 +124,7 @@ class ReferenceCache:
 
     def __init__(self, config: ResolvedConfig):
         self.config = config
+        self.signal = config.signal
         self.contexts: dict[str, TeaCacheOracle] = {"default": TeaCacheOracle(config)}
         self.residuals: dict[str, torch.Tensor] = {}
         self._layouts: dict[str, tuple] = {}
@@ -128,8 +139,10 @@ class ReferenceCache:
 
     def set_config(self, config: ResolvedConfig) -> None:
         self.config = config
-        for oracle in self.contexts.values():
-            oracle.config = config
+        self.signal = config.signal
+        for name, oracle in self.contexts.items():
+            layout = self._layouts.get(name)
+            oracle.config = config if layout is None else config.for_sequence(layout[-1])
 
     def reset(self) -> None:
         for oracle in self.contexts.values():
@@ -144,9 +157,11 @@ class ReferenceCache:
     ) -> torch.Tensor:
         """Return the span's output for `stream` (its input): reused, or computed by `full(*operands)`."""
         name = self.active
-        layout = (signal.shape, signal.dtype, stream.shape, stream.dtype)
-        if self._layouts.get(name, layout) != layout:  # new shape or dtype: start over, as FusedCache does
-            self.contexts[name] = TeaCacheOracle(self.config)
+        layout = (signal.shape, signal.dtype, stream.shape, stream.dtype, sequence_length(stream))
+        if self._layouts.get(name) != layout:  # first call, new shape or dtype: start over, as FusedCache does
+            if name in self._layouts:
+                self.contexts[name] = TeaCacheOracle(self.config)
+            self.contexts[name].config = self.config.for_sequence(layout[-1])
         self._layouts[name] = layout
         if self.contexts[name].decide(signal):
             return stream + self.residuals[name]

@@ -48,7 +48,8 @@ class Summary:
         return cls(
             model=type(inst.transformer).__name__,
             implementation="reference" if isinstance(inst.cache, ReferenceCache) else "fused",
-            coefficients=cfg.coefficient_set or str(list(cfg.coefficients)),
+            coefficients=cfg.coefficient_set
+            or (f"calibrated for {cfg.calibrated_model!r}" if cfg.calibrated else str(list(cfg.coefficients))),
             rel_l1_thresh=cfg.rel_l1_thresh,
             contexts={name: ContextSummary(name, *h) for name, h in history.items() if h[0]},
             calls=sum(calls for _, calls, _ in history.values()),

@@ -20,9 +20,10 @@ ACC = 0  # accumulated rescaled distance
 STEP = 1  # index of the next call within its generation
 HAS_PREV = 2  # 1.0 once prev_signal holds this generation's previous signal
 LOGGED = 3  # rows of `log` that belong to the current (or last finished) generation
-GENERATION = slice(ACC, LOGGED + 1)  # what a new generation clears: adjacent, so one fill does it
-CALLS = 4  # calls since the state was allocated
-REUSED = 5  # of those, calls that reused the residual
+CONSECUTIVE = 4  # reuses in a row just before the next call
+GENERATION = slice(ACC, CONSECUTIVE + 1)  # what a new generation clears: adjacent, so one fill does it
+CALLS = 5  # calls since the state was allocated
+REUSED = 6  # of those, calls that reused the residual
 NUM_SCALARS = 8
 
 # `config`: what the user chose, on the device so changing it never recompiles a graph.
@@ -30,7 +31,12 @@ THRESH = 0
 NUM_STEPS = 1  # 0: unknown (no cooldown, no wrap)
 WARMUP = 2
 COOLDOWN = 3
-COEFFS = 4  # MAX_COEFFICIENTS values, highest power first, left-padded with zeros
+MAX_CONSECUTIVE = 4  # inf: no limit
+MIN_SKIP_STEP = 5  # 0: from the first call
+MAX_SKIP_STEP = 6  # inf: to the last call
+X_LO = 7  # clamp range of x before the polynomial; -inf, inf: no clamp
+X_HI = 8
+COEFFS = 9  # MAX_COEFFICIENTS values, highest power first, left-padded with zeros
 NUM_CONFIG = COEFFS + MAX_COEFFICIENTS
 
 # `log` rows, one per call of the generation: what `summary()` shows.
@@ -44,14 +50,25 @@ MAX_PROGRAMS = 1024
 
 
 def config_values(config: ResolvedConfig) -> list[float]:
+    """`config` as the kernel reads it (a calibrated config must be resolved `for_sequence` first)."""
+    inf = float("inf")
     values = [0.0] * NUM_CONFIG
     values[THRESH] = config.rel_l1_thresh
     values[NUM_STEPS] = float(config.num_inference_steps or 0)
     values[WARMUP] = float(config.warmup_steps)
     values[COOLDOWN] = float(config.cooldown_steps)
+    values[MAX_CONSECUTIVE] = inf if config.max_consecutive_skips is None else float(config.max_consecutive_skips)
+    values[MIN_SKIP_STEP] = float(config.min_skip_step or 0)
+    values[MAX_SKIP_STEP] = inf if config.max_skip_step is None else float(config.max_skip_step)
+    values[X_LO], values[X_HI] = config.x_range if config.x_range is not None else (-inf, inf)
     coeffs = config.coefficients
     values[COEFFS + MAX_COEFFICIENTS - len(coeffs) : COEFFS + MAX_COEFFICIENTS] = coeffs
     return values
+
+
+def sequence_length(stream: torch.Tensor) -> int:
+    """Tokens of a [batch, tokens, channels] stream: what calibrated coefficients are keyed by."""
+    return int(stream.shape[-2]) if stream.dim() >= 2 else 1
 
 
 def log_capacity(config: ResolvedConfig) -> int:
@@ -70,6 +87,7 @@ class ContextState:
         self.log: torch.Tensor | None = None  # float64 [capacity, LOG_WIDTH]
         self.partials: torch.Tensor | None = None  # float32 [2 * MAX_PROGRAMS], the reduction's workspace
         self.ticket: torch.Tensor | None = None  # int32 [1], counts finished programs; reset by the last
+        self.seq_len: int | None = None  # the stream's tokens: picks a calibrated config's set
 
     def matches(self, signal: torch.Tensor, stream: torch.Tensor) -> bool:
         """Shape/dtype/device checks only: static under torch.compile, so no graph break and no sync."""
@@ -87,6 +105,8 @@ class ContextState:
 
     def allocate(self, signal: torch.Tensor, stream: torch.Tensor, config: ResolvedConfig) -> None:
         device = signal.device
+        self.seq_len = sequence_length(stream)
+        config = config.for_sequence(self.seq_len)
         f64 = dict(dtype=torch.float64, device=device)
         self.prev_signal = torch.zeros_like(signal, memory_format=torch.contiguous_format)
         self.residual = torch.zeros_like(stream, memory_format=torch.contiguous_format)
@@ -104,6 +124,7 @@ class ContextState:
         """In place, so compiled graphs keep reading the same buffer."""
         if not self.allocated:
             return
+        config = config.for_sequence(self.seq_len)
         if self.log.shape[0] < log_capacity(config):
             self.log = torch.full((log_capacity(config), LOG_WIDTH), float("nan"), dtype=torch.float64, device=self.log.device)
             self.scalars[LOGGED] = 0.0

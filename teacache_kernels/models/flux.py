@@ -2,7 +2,8 @@
 
 The span is both block lists: 19 double-stream blocks, then 38 single-stream blocks. The signal is
 what the original TeaCache4FLUX compares: block 0's `norm1(hidden_states, emb=temb)[0]`, the image
-stream's modulated input. The residual is cached on the image stream only: after the single blocks
+stream's modulated input; or, when a calibration found it the better predictor, `temb` itself
+(config.signal "timestep_embedding": no extra GEMV, but blind to the image). The residual is cached on the image stream only: after the single blocks
 FLUX's forward uses nothing but `hidden_states`, so the span returns the text stream as it came in.
 """
 
@@ -34,7 +35,10 @@ class FluxBlockSpan(nn.Module):
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         joint_attention_kwargs: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        signal = self.transformer_blocks[0].norm1(hidden_states, emb=temb)[0]
+        if self.cache.signal == "timestep_embedding":  # a Python string: static under compile
+            signal = temb
+        else:
+            signal = self.transformer_blocks[0].norm1(hidden_states, emb=temb)[0]
         rope = tuple(image_rotary_emb) if image_rotary_emb is not None else ()
 
         def full(h, e, temb, *rope):

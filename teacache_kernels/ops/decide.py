@@ -30,6 +30,12 @@ _THRESH = tl.constexpr(S.THRESH)
 _NUM_STEPS = tl.constexpr(S.NUM_STEPS)
 _WARMUP = tl.constexpr(S.WARMUP)
 _COOLDOWN = tl.constexpr(S.COOLDOWN)
+_MAX_CONSECUTIVE = tl.constexpr(S.MAX_CONSECUTIVE)
+_MIN_SKIP_STEP = tl.constexpr(S.MIN_SKIP_STEP)
+_MAX_SKIP_STEP = tl.constexpr(S.MAX_SKIP_STEP)
+_X_LO = tl.constexpr(S.X_LO)
+_X_HI = tl.constexpr(S.X_HI)
+_CONSECUTIVE = tl.constexpr(S.CONSECUTIVE)
 _COEFFS = tl.constexpr(S.COEFFS)
 _LOG_WIDTH = tl.constexpr(S.LOG_WIDTH)
 _LOG_X = tl.constexpr(S.LOG_X)
@@ -91,22 +97,29 @@ def _decide_kernel(
         acc = tl.load(scalars_ptr + _ACC)
         step = tl.load(scalars_ptr + _STEP)
         has_prev = tl.load(scalars_ptr + _HAS_PREV) > 0.0
+        consecutive = tl.load(scalars_ptr + _CONSECUTIVE)
         thresh = tl.load(config_ptr + _THRESH)
         num_steps = tl.load(config_ptr + _NUM_STEPS)
         warmup = tl.load(config_ptr + _WARMUP)
         cooldown = tl.load(config_ptr + _COOLDOWN)
+        x_lo = tl.load(config_ptr + _X_LO)
+        x_hi = tl.load(config_ptr + _X_HI)
 
         x = sum_diff / sum_base
         # (v - v) == 0 holds exactly for finite v: it is NaN for NaN and for +-Inf.
         finite = ((sum_diff - sum_diff) == 0.0) & ((sum_base - sum_base) == 0.0) & (sum_base > 0.0)
+        x_poly = tl.where(x < x_lo, x_lo, tl.where(x > x_hi, x_hi, x))  # compares: NaN passes through
         y = tl.load(config_ptr + _COEFFS)
         for i in tl.static_range(1, NUM_COEFFS):
-            y = y * x + tl.load(config_ptr + _COEFFS + i)
+            y = y * x_poly + tl.load(config_ptr + _COEFFS + i)
         candidate = acc + y
         forced = (has_prev == 0) | (step < warmup) | ((num_steps > 0.0) & (step >= num_steps - cooldown))
         forced = forced | (thresh == 0.0)  # the off switch, whatever sign the polynomial takes
+        forced = forced | (consecutive >= tl.load(config_ptr + _MAX_CONSECUTIVE))
+        forced = forced | (step < tl.load(config_ptr + _MIN_SKIP_STEP)) | (step > tl.load(config_ptr + _MAX_SKIP_STEP))
         reuse = (forced == 0) & finite & ((candidate - candidate) == 0.0) & (candidate < thresh)
         acc = tl.where(reuse, candidate, 0.0)
+        consecutive = tl.where(reuse, consecutive + 1.0, 0.0)
 
         known = has_prev & finite
         row = log_ptr + step.to(tl.int64) * _LOG_WIDTH
@@ -121,6 +134,7 @@ def _decide_kernel(
         tl.store(scalars_ptr + _ACC, tl.where(wrap, 0.0, acc))
         tl.store(scalars_ptr + _STEP, tl.where(wrap, 0.0, step))
         tl.store(scalars_ptr + _HAS_PREV, tl.where(wrap, 0.0, 1.0))
+        tl.store(scalars_ptr + _CONSECUTIVE, tl.where(wrap, 0.0, consecutive))
         tl.store(scalars_ptr + _CALLS, tl.load(scalars_ptr + _CALLS) + 1.0)
         tl.store(scalars_ptr + _REUSED, tl.load(scalars_ptr + _REUSED) + tl.where(reuse, 1.0, 0.0))
         tl.store(scalars_ptr + _LOGGED, tl.minimum(step, log_capacity * 1.0))
@@ -181,18 +195,24 @@ def decide_torch(
     sum_base = prev_signal.float().abs().sum().double()
 
     acc, step, has_prev = scalars[S.ACC], scalars[S.STEP], scalars[S.HAS_PREV] > 0
+    consecutive = scalars[S.CONSECUTIVE]
     thresh, num_steps = config[S.THRESH], config[S.NUM_STEPS]
     warmup, cooldown = config[S.WARMUP], config[S.COOLDOWN]
+    x_lo, x_hi = config[S.X_LO], config[S.X_HI]
 
     x = sum_diff / sum_base
     finite = torch.isfinite(sum_diff) & torch.isfinite(sum_base) & (sum_base > 0)
+    x_poly = torch.where(x < x_lo, x_lo, torch.where(x > x_hi, x_hi, x))  # compares: NaN passes through
     y = config[S.COEFFS]
     for i in range(1, MAX_COEFFICIENTS):
-        y = y * x + config[S.COEFFS + i]
+        y = y * x_poly + config[S.COEFFS + i]
     candidate = acc + y
     forced = ~has_prev | (step < warmup) | ((num_steps > 0) & (step >= num_steps - cooldown)) | (thresh == 0)
+    forced = forced | (consecutive >= config[S.MAX_CONSECUTIVE])
+    forced = forced | (step < config[S.MIN_SKIP_STEP]) | (step > config[S.MAX_SKIP_STEP])
     reuse = ~forced & finite & torch.isfinite(candidate) & (candidate < thresh)
     acc = torch.where(reuse, candidate, 0.0)
+    consecutive = torch.where(reuse, consecutive + 1, 0.0)
 
     known = has_prev & finite
     nan = torch.full_like(x, float("nan"))
@@ -209,6 +229,7 @@ def decide_torch(
     updated[S.ACC] = torch.where(wrap, zero, acc)
     updated[S.STEP] = torch.where(wrap, zero, step)
     updated[S.HAS_PREV] = torch.where(wrap, zero, one)
+    updated[S.CONSECUTIVE] = torch.where(wrap, zero, consecutive)
     updated[S.CALLS] = scalars[S.CALLS] + 1
     updated[S.REUSED] = scalars[S.REUSED] + reuse.double()
     updated[S.LOGGED] = step.clamp(max=capacity)
