@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench ptx clean
+.PHONY: demo test bench peers ptx clean
 
 demo: $(STAMP)
 	$(PY) -m teacache_kernels demo
@@ -16,6 +16,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_decide.py
 	$(PY) bench/bench_branch.py
+
+# TeaCache against diffusers' FirstBlockCache, MagCache, TaylorSeer and cache-dit (about 15 minutes on CPU).
+# cache-dit without its dependencies: they are all in the venv already, and it must not pull another torch.
+peers: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps cache-dit==1.5.3
+	$(PY) bench/bench_peers.py
 
 ptx: $(STAMP)
 	$(PY) -m teacache_kernels ptx --out ptx
@@ -31,4 +37,4 @@ $(STAMP): pyproject.toml setup.py .ci/constraints.txt
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) .cache ptx flux_out
+	rm -rf $(VENV) .cache ptx flux_out teacache_demo.png

@@ -399,6 +399,16 @@ def load_calibrated(path, model: str | None = None) -> tuple[str, tuple[Calibrat
     return model, tuple(sorted(sets, key=lambda s: s.seq_len))
 
 
+def nearest_index(lengths: Sequence[int], seq_len: int) -> int:
+    """Index of the length closest to `seq_len` (on a tie, the longer). A plain loop: torch.compile traces it."""
+    best = 0
+    for i, n in enumerate(lengths):
+        d, b = abs(n - seq_len), abs(lengths[best] - seq_len)
+        if d < b or (d == b and n > lengths[best]):
+            best = i
+    return best
+
+
 def nearest(sets: Sequence[CalibratedSet], seq_len: int) -> CalibratedSet:
     """The set fitted at the sequence length closest to `seq_len` (on a tie, the longer one)."""
-    return min(sets, key=lambda s: (abs(s.seq_len - seq_len), -s.seq_len))
+    return sets[nearest_index([s.seq_len for s in sets], seq_len)]

@@ -200,14 +200,23 @@ class ResolvedConfig:
             **options,
         )
 
+    def __post_init__(self) -> None:
+        # Each fitted length's config, built now on the host: `for_sequence` runs where a context allocates
+        # its state, which can be inside a torch.compile trace, so it only indexes.
+        variants = tuple(
+            dataclasses.replace(
+                self,
+                coefficients=s.coefficients,
+                rel_l1_thresh=s.recommended_thresh if self.thresh_from_file else self.rel_l1_thresh,
+                x_range=s.x_range if self.clamp_to_calibrated else self.x_range,
+                calibrated=(),
+            )
+            for s in self.calibrated
+        )
+        object.__setattr__(self, "_variants", variants)
+
     def for_sequence(self, seq_len: int) -> "ResolvedConfig":
         """The config a context of `seq_len` tokens runs on: the nearest fitted length's set, if calibrated."""
         if not self.calibrated:
             return self
-        s = _coefficients.nearest(self.calibrated, seq_len)
-        return dataclasses.replace(
-            self,
-            coefficients=s.coefficients,
-            rel_l1_thresh=s.recommended_thresh if self.thresh_from_file else self.rel_l1_thresh,
-            x_range=s.x_range if self.clamp_to_calibrated else self.x_range,
-        )
+        return self._variants[_coefficients.nearest_index([s.seq_len for s in self.calibrated], seq_len)]

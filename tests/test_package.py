@@ -44,11 +44,28 @@ def test_cli_models_lists_flux_and_the_published_sets():
     assert "FluxTransformer2DModel" in r.stdout and "flux-kontext" in r.stdout and "wan2.1-t2v-14b" in r.stdout
 
 
-def test_cli_demo_eager():
-    r = run(["-m", "teacache_kernels", "demo", "--no-compile", "--steps", "10", "--repeats", "1", "--size", "16"])
-    assert r.returncode == 0, r.stderr
-    assert "TeaCache 0.4, eager" in r.stdout and "uncached, eager" in r.stdout
-    assert "cond" in r.stdout and "uncond" in r.stdout
+def check_demo_output(r, out):
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith(("uncached", "TeaCache "))]
+    assert [row.split()[0] for row in rows] == ["uncached"] + ["TeaCache"] * 3, r.stdout
+    assert "(default)" in r.stdout and "recognised" in r.stdout
+    assert out.stat().st_size > 1000  # the grid PNG
+
+
+def test_cli_demo_eager(tmp_path):
+    out = tmp_path / "grid.png"
+    r = run(["-m", "teacache_kernels", "demo", "--no-compile", "--steps", "10", "--repeats", "1", "--per-digit", "1",
+             "--out", str(out)])
+    check_demo_output(r, out)
+
+
+@pytest.mark.slow
+def test_cli_demo_as_the_readme_runs_it(tmp_path):
+    """The README's main command, compiled, one repeat: no graph break, the table and the grid."""
+    out = tmp_path / "grid.png"
+    r = run(["-m", "teacache_kernels", "demo", "--repeats", "1", "--out", str(out)])
+    check_demo_output(r, out)
+    assert "graph breaks under torch.compile: 0" in r.stdout
 
 
 def test_cli_rejects_bad_arguments():

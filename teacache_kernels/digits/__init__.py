@@ -32,7 +32,8 @@ def load_transformer(dtype: torch.dtype = torch.float32, device: str | torch.dev
         raise FileNotFoundError(
             f"no trained weights in {WEIGHTS_DIR}: run `python -m teacache_kernels.digits.train` to make them"
         )
-    model = FluxTransformer2DModel.from_pretrained(WEIGHTS_DIR, torch_dtype=dtype)
+    # low_cpu_mem_usage=False: 9 MB load in full; without `accelerate` diffusers would warn about it.
+    model = FluxTransformer2DModel.from_pretrained(WEIGHTS_DIR, torch_dtype=dtype, low_cpu_mem_usage=False)
     return model.to(device).eval()
 
 
