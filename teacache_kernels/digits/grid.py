@@ -26,7 +26,7 @@ def save_grid(rows: Sequence[tuple[str, torch.Tensor]], path, *, scale: int = 6,
         y = gap + r * cell_h
         draw.multiline_text((6, y + 2), label, fill=0, font=font, spacing=2)
         # Ink dark on white, as the digits are written: dataset value 16 (image +1) is black.
-        pixels = ((1 - images.float().clamp(-1, 1)) * 127.5).round().to(torch.uint8).cpu()
+        pixels = ((1 - images.float().clamp(-1, 1)) * 127.5).round().to(torch.uint8).cpu()  # host-ok: writing a PNG
         for i in range(n):
             tile = Image.fromarray(pixels[i].numpy(), mode="L").resize((w * scale, h * scale), Image.NEAREST)
             canvas.paste(tile, (label_width + gap + i * cell_w, y))

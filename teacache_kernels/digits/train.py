@@ -81,7 +81,7 @@ def train(
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - ema_decay)
-        losses.append(loss.item())
+        losses.append(loss.item())  # host-ok: training log
         if (step + 1) % log_every == 0 or step + 1 == steps:
             elapsed = time.perf_counter() - start
             mean = sum(losses[-log_every:]) / len(losses[-log_every:])
