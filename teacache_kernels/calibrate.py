@@ -1,31 +1,8 @@
-"""Calibration's public API (see `teacache_kernels.calibration`): fit, save, load, pick a threshold."""
+"""Calibration's public API, under the name users look for: `from teacache_kernels.calibrate import calibrate`.
 
-from .calibration import (
-    DEFAULT_SIGNALS,
-    FORMAT,
-    RUNTIME_SIGNALS,
-    CalibrationResult,
-    CalibrationSetup,
-    PolynomialFit,
-    ThresholdPoint,
-    ThresholdResult,
-    calibrate,
-    find_threshold,
-    fit_polynomial,
-    load_coefficients_file,
-)
+Everything is defined in `teacache_kernels.calibration` (fit, save, load, pick a threshold); this module
+re-exports its public names so the two stay one list.
+"""
 
-__all__ = [
-    "DEFAULT_SIGNALS",
-    "FORMAT",
-    "RUNTIME_SIGNALS",
-    "CalibrationResult",
-    "CalibrationSetup",
-    "PolynomialFit",
-    "ThresholdPoint",
-    "ThresholdResult",
-    "calibrate",
-    "find_threshold",
-    "fit_polynomial",
-    "load_coefficients_file",
-]
+from .calibration import *  # noqa: F401,F403
+from .calibration import __all__  # noqa: F401

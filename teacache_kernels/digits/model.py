@@ -72,7 +72,7 @@ def conditioning(labels: torch.Tensor, dtype=torch.float32) -> dict:
         raise ValueError(f"labels must be a 1-D tensor of class indices, got shape {tuple(labels.shape)}")
     bad = labels[(labels < 0) | (labels > NULL_CLASS)]  # host-ok: once per generation, before the steps
     if bad.numel():
-        raise ValueError(f"labels must be digits 0-9 (or {NULL_CLASS} for unconditional), got {bad.tolist()}")
+        raise ValueError(f"labels must be digits 0-9 (or {NULL_CLASS} for unconditional), got {bad.tolist()}")  # host-ok: error path
     one_hot = torch.nn.functional.one_hot(labels.long(), NUM_CLASSES + 1).to(dtype)
     return dict(
         encoder_hidden_states=one_hot[:, None, :],

@@ -1,10 +1,11 @@
-"""FLUX (FluxTransformer2DModel): FLUX.1-dev/schnell, FLUX.1-Kontext, TangoFlux.
+"""FLUX (FluxTransformer2DModel): FLUX.1-dev/schnell, FLUX.1-Kontext, TangoFlux, any calibrated FLUX.
 
 The span is both block lists: 19 double-stream blocks, then 38 single-stream blocks. The signal is
 what the original TeaCache4FLUX compares: block 0's `norm1(hidden_states, emb=temb)[0]`, the image
-stream's modulated input; or, when a calibration found it the better predictor, `temb` itself
-(config.signal "timestep_embedding": no extra GEMV, but blind to the image). The residual is cached on the image stream only: after the single blocks
-FLUX's forward uses nothing but `hidden_states`, so the span returns the text stream as it came in.
+stream's modulated input; or `temb` itself when a calibration file says the timestep embedding is the
+better predictor for that model (no extra GEMV, but blind to the image). The residual is cached on the
+image stream only: after the single blocks FLUX's forward uses nothing but `hidden_states`, so the span
+returns the text stream as it came in.
 """
 
 from __future__ import annotations
