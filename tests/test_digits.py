@@ -137,3 +137,20 @@ def test_training_script_runs_and_writes_a_loadable_model(tmp_path):
     assert set(report) >= {"loss_curve", "minutes", "hardware", "accuracy_cfg2"} and len(report["loss_curve"]) == 3
     model = FluxTransformer2DModel.from_pretrained(tmp_path)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in digits.build_transformer().parameters())
+
+
+@pytest.mark.slow
+def test_compiled_fullgraph_with_the_calibrated_file_matches_the_reference():
+    """State allocated inside the compiled graph, config from the file: no graph break, the oracle's schedule."""
+    runs = []
+    for reference in (False, True):
+        model = digits.load_transformer()
+        tk.enable_teacache(model, coefficients_file=digits.COEFFICIENTS_FILE, num_inference_steps=8,
+                           rel_l1_thresh=0.4, reference=reference)  # 8 steps: larger steps, so a larger threshold
+        run = model if reference else torch.compile(model, fullgraph=True)  # fullgraph: a break raises
+        runs.append((digits.generate(run, LABELS[:4], seed=SEED, num_steps=8), tk.summary(model)))
+    (a, sa), (b, sb) = runs
+    assert {n: c.schedule for n, c in sa.contexts.items()} == {n: c.schedule for n, c in sb.contexts.items()}
+    assert "R" in sa.contexts["cond"].schedule
+    # Compiling moves float results by rounding only (test_compile: 1e-6 on outputs of scale ~5).
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
