@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..coefficients import FILE_FORMAT as FORMAT  # one definition: the runtime reads these files too
+from ..coefficients import FILE_FORMAT as FORMAT, nearest_index  # one definition: the runtime reads these files too
 
 
 def read_coefficients_file(path: str | os.PathLike, *, missing_ok: bool = False) -> dict:
@@ -98,7 +98,7 @@ def nearest_seq_len(lengths, seq_len: int | None, *, where: str = "") -> int:
         if len(lengths) == 1:
             return lengths[0]
         raise ValueError(f"several sequence lengths fitted{where} ({lengths}): give seq_len (image tokens)")
-    return min(lengths, key=lambda n: (abs(n - seq_len), -n))
+    return lengths[nearest_index(lengths, seq_len)]  # the runtime's rule, so tool and runtime pick alike
 
 
 def load_coefficients_file(path: str | os.PathLike, model_name: str | None = None, seq_len: int | None = None) -> dict:
