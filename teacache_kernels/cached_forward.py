@@ -14,9 +14,13 @@ dispatch around it; bench/bench_branch.py measures the two, and eager runs the P
 
 from __future__ import annotations
 
+import copy
+import itertools
+import weakref
 from typing import Callable, Sequence
 
 import torch
+from torch._dynamo.comptime import comptime
 
 from . import state as S
 from .config import ResolvedConfig
@@ -25,14 +29,44 @@ from .ops.decide import decide
 from .reference import StepRecord
 
 
-def _fresh_output(full: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+def _fresh_outputs(full: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[..., tuple[torch.Tensor, ...]]:
     # torch.cond needs both branches' outputs to agree in storage offset and strides. Blocks may return a
-    # view (FLUX's single blocks slice the joint sequence), so the compute branch hands over a fresh
-    # contiguous copy: one extra pass over the stream on computed steps only.
+    # view (FLUX's single blocks slice the joint sequence), so the compute branch hands over fresh
+    # contiguous copies: one extra pass over each stream on computed steps only.
     def branch(*operands):
-        return full(*operands).clone(memory_format=torch.contiguous_format)
+        return tuple(out.clone(memory_format=torch.contiguous_format) for out in full(*operands))
 
     return branch
+
+
+# FusedCache objects by key: how the trace-time allocation below finds the cache of the call being traced
+# (a string local is a constant to Dynamo, whatever the dynamic-shape settings; an object is not).
+_LIVE: "weakref.WeakValueDictionary[str, FusedCache]" = weakref.WeakValueDictionary()
+_keys = itertools.count()
+
+
+def _concrete(size) -> int:
+    # A symbolic size (torch.compile with dynamic shapes) allocates at the size this call has.
+    return int(size.node.hint) if isinstance(size, torch.SymInt) else int(size)
+
+
+def _prepare_while_tracing(ctx) -> None:
+    """Run by Dynamo while it traces `FusedCache.run` (torch._dynamo.comptime), with the call's fake tensors.
+
+    It allocates the active context's buffers for real, now, so the graph being traced reads buffers that
+    already exist: the first compiled call compiles once (not allocate-then-steady-state), and nothing
+    about the allocation is guarded. A later call with another layout fails the buffers' shape guards,
+    which traces again and so allocates again here.
+    """
+    cache = _LIVE[ctx.get_local("key").as_python_constant()]
+    signal = ctx.get_local("signal").as_fake()
+    streams = [proxy.node.meta["example_value"] for proxy in ctx.get_local("streams").as_proxy()]
+    layout = (
+        tuple(_concrete(d) for d in signal.shape), signal.dtype,
+        tuple(tuple(_concrete(d) for d in s.shape) for s in streams), tuple(s.dtype for s in streams),
+        signal.device,
+    )  # fmt: skip
+    cache.prepare(layout)
 
 
 class FusedCache:
@@ -48,16 +82,41 @@ class FusedCache:
         self.contexts: dict[str, S.ContextState] = {}
         self._active: S.ContextState = S.ContextState("default")
         self.contexts["default"] = self._active
+        self._register()
+
+    def _register(self) -> None:
+        self.key = f"teacache-{next(_keys)}"
+        _LIVE[self.key] = self
+
+    def __deepcopy__(self, memo: dict) -> "FusedCache":
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != "key"})
+        new._register()  # its own key: a compiled copy must find its own state
+        return new
+
+    def prepare(self, layout: tuple) -> None:
+        """Allocate the active context's buffers for `layout` (`state.layout_of`) unless they already fit it."""
+        st = self._active
+        if st.layout != layout:  # first call, or a new shape/dtype/device: fresh state
+            st.allocate_layout(layout, self.config)
 
     @property
     def active(self) -> str:
         return self._active.name
 
     def activate(self, name: str) -> str:
-        """Make `name` the context the next calls use; returns the previous one's name. Host-side only."""
+        """Make `name` the context the next calls use; returns the previous one's name. Host-side only.
+
+        A context seen for the first time gets buffers of the layout the last allocated context has (CFG
+        branches share it), here on the host: a compiled model then runs its first call without recompiling.
+        """
         previous = self._active.name
         if name not in self.contexts:
-            self.contexts[name] = S.ContextState(name)
+            st = self.contexts[name] = S.ContextState(name)
+            known = [c.layout for c in self.contexts.values() if c.layout is not None]
+            if known:
+                st.allocate_layout(known[-1], self.config)
         self._active = self.contexts[name]
         return previous
 
@@ -74,24 +133,45 @@ class FusedCache:
     def run(
         self,
         signal: torch.Tensor,
-        stream: torch.Tensor,
-        full: Callable[..., torch.Tensor],
+        streams: Sequence[torch.Tensor],
+        full: Callable[..., tuple[torch.Tensor, ...]],
         operands: Sequence[torch.Tensor],
-    ) -> torch.Tensor:
-        """The span's output for `stream` (its input): `full(*operands)`, or `stream + residual` when reused."""
-        st = self._active
-        if not st.matches(signal, stream):  # first call, or new shape/dtype/device: (re)allocate, state fresh
-            st.allocate(signal, stream, self.config)
-        reuse = decide(signal, st.prev_signal, st.scalars, st.config, st.log, st.partials, st.ticket)
-        if torch.compiler.is_compiling() or self.eager_branch == "cond":
-            out = torch.cond(reuse, lambda *_: torch.empty_like(stream), _fresh_output(full), tuple(operands))
-        elif reuse.item():  # host-ok: eager has to know on the host whether to launch the blocks
-            out = torch.empty_like(stream)
+    ) -> tuple[torch.Tensor, ...]:
+        """The span's outputs for `streams` (its inputs): `full(*operands)`, or each `stream + residual` when reused."""
+        streams, key = tuple(streams), self.key  # noqa: F841 (key: read by _prepare_while_tracing)
+        if torch.compiler.is_compiling():
+            comptime(_prepare_while_tracing)
         else:
-            out = full(*operands).contiguous()
-        apply_residual_(reuse, stream, out, st.residual)
-        return out
+            self.prepare(S.layout_of(signal, streams))
+        st = self._active
+        reuse = decide(signal, st.prev_signal, st.scalars, st.config, st.log, st.partials, st.ticket)
+        if torch.is_grad_enabled():
+            return self._run_differentiable(reuse, streams, st.residuals, full, operands)
+        if torch.compiler.is_compiling() or self.eager_branch == "cond":
+            reused = lambda *_: tuple(torch.empty_like(s) for s in streams)  # noqa: E731 (apply_residual_ fills them)
+            outs = torch.cond(reuse, reused, _fresh_outputs(full), tuple(operands))
+        elif reuse.item():  # host-ok: eager has to know on the host whether to launch the blocks
+            outs = tuple(torch.empty_like(s) for s in streams)
+        else:
+            outs = tuple(out.contiguous() for out in full(*operands))
+        for stream, out, residual in zip(streams, outs, st.residuals):
+            apply_residual_(reuse, stream, out, residual)
+        return outs
 
+    @staticmethod
+    def _run_differentiable(reuse, streams, residuals, full, operands) -> tuple[torch.Tensor, ...]:
+        """With autograd on: reused outputs are `stream + residual` (the gradient flows to the stream), computed
+        outputs are the blocks' own, and the residual is stored detached. The decision is the same op."""
+        if torch.compiler.is_compiling():
+            outs = torch.cond(reuse, lambda *_: tuple(s + r for s, r in zip(streams, residuals)), _fresh_outputs(full), tuple(operands))
+        elif reuse.item():  # host-ok: as above
+            outs = tuple(s + r for s, r in zip(streams, residuals))
+        else:
+            outs = tuple(full(*operands))
+        with torch.no_grad():
+            for stream, out, residual in zip(streams, outs, residuals):
+                residual.copy_(torch.where(reuse, residual, out - stream))
+        return outs
     def history(self) -> dict[str, tuple[list[StepRecord], int, int]]:
         """Per context: the current (or last finished) generation's steps, lifetime calls, lifetime reuses."""
         out = {}

@@ -1,26 +1,52 @@
 """Put a cached span into a transformer, and take it out again leaving the model exactly as it was.
 
-What enabling changes on the transformer (and disabling undoes):
-  - its block lists: the first holds the span (which holds the original lists), the others are empty;
-    the transformer's own forward runs unchanged and calls the span once. No forward is copied.
-  - `state_dict()` / `load_state_dict()` keep the original key names (hooks map them), so a checkpoint
-    saved while TeaCache is on loads into a plain model and back.
+Enabling changes no module name, no parameter name and no `state_dict` key. What it changes:
+  - the class of each of the transformer's block lists, in place: `CachedBlockList` (a `ModuleList`
+    subclass) keeps every block registered where diffusers put it (so LoRA, attention processors,
+    group offloading, layerwise casting and checkpoints see the model they expect), and changes only
+    what iterating the list yields: the first list yields the cached span once, the others nothing. The
+    transformer's own forward, untouched, runs `for block in self.transformer_blocks: ...` and so calls
+    the span once; the span runs the real blocks. No forward is copied.
   - `cache_context(name)`, which diffusers pipelines call around each CFG branch, also selects the
-    cache's per-context state.
+    cache's per-context state;
+  - `enable_cache` (diffusers' other caches) refuses while TeaCache is on, naming both;
   - a forward pre-hook refuses inputs the cached span cannot honour, naming them.
-Module names (`named_modules()`) do change while enabled: load LoRAs and set attention processors
-before enabling TeaCache.
+Every callable left on the model is a bound method of the `Installation`, so `copy.deepcopy` of an
+enabled model gives the copy its own installation, cache and state (see `Installation.__deepcopy__`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
+import torch
 from torch import nn
 
+from .block_list import YIELDS, CachedBlockList, cached_class
 from .models import ModelFamily
+
+# torch 2.13's torch.cond takes no symbolic float among its operands, and with dynamic=True Dynamo turns
+# every float attribute a block reads (LayerNorm's eps...) into one. Floats are specialized while any
+# model has TeaCache on (what the default dynamic=None does anyway); the previous setting comes back
+# when the last one is disabled.
+_specialize_float = {"users": 0, "previous": None}
+
+
+def _hold_float_specialization() -> None:
+    config = torch._dynamo.config
+    if _specialize_float["users"] == 0:
+        _specialize_float["previous"] = config.specialize_float
+        config.specialize_float = True
+    _specialize_float["users"] += 1
+
+
+def _release_float_specialization() -> None:
+    _specialize_float["users"] -= 1
+    if _specialize_float["users"] == 0:
+        torch._dynamo.config.specialize_float = _specialize_float["previous"]
 
 
 @dataclass
@@ -28,18 +54,69 @@ class Installation:
     transformer: nn.Module
     family: ModelFamily
     cache: Any  # FusedCache or ReferenceCache
-    original_lists: dict[str, nn.ModuleList]
-    handles: list = field(default_factory=list)
+    span: nn.Module
+    list_classes: dict[str, type]  # block list attribute -> its class before enabling
+    pre_hook_id: int | None = None
     pipeline: Any = None
     scheduler: Any = None  # the scheduler whose methods were patched (the pipeline's may be swapped later)
     scheduler_patches: dict[str, Any] = field(default_factory=dict)  # method name -> instance attribute it shadowed
     user_config: Any = None  # the TeaCacheConfig as given; enabling again updates it
     on_context_entry: Any = None  # called (host side) whenever cache_context is entered
-    shadowed_cache_context: Any = None  # an instance attribute `cache_context` we shadowed, if any
+    base_cache_context: Any = None  # what `transformer.cache_context` was before enabling
+    shadowed: dict[str, Any] = field(default_factory=dict)  # instance attributes we shadowed -> their value
 
+    @property
+    def block_lists(self) -> dict[str, nn.ModuleList]:
+        return {name: getattr(self.transformer, name) for name in self.list_classes}
 
-def _span_prefix(family: ModelFamily) -> str:
-    return f"{family.block_lists[0]}.0."
+    # -- what the model calls while enabled (bound methods: deepcopy follows them) --
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs):
+        if self.on_context_entry is not None:
+            self.on_context_entry()
+        base = self.base_cache_context
+        with base(name, **kwargs) if base is not None else contextlib.nullcontext():
+            previous = self.cache.activate(name)
+            try:
+                yield
+            finally:
+                self.cache.activate(previous)
+
+    def enable_cache(self, config) -> None:
+        raise RuntimeError(
+            f"TeaCache (teacache_kernels) is enabled on this {type(self.transformer).__name__}; diffusers' "
+            f"{type(config).__name__} on top of it would skip the same work twice: call "
+            "teacache_kernels.disable_teacache(...) first, or keep TeaCache alone"
+        )
+
+    def check_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        what = self.family.unsupported_input(args, kwargs)
+        if what is not None:
+            raise NotImplementedError(
+                f"TeaCache for {type(module).__name__} does not support {what} yet; "
+                "call teacache_kernels.disable_teacache() to run this input uncached"
+            )
+        if torch.is_grad_enabled() and getattr(module, "gradient_checkpointing", False):
+            raise RuntimeError(
+                f"TeaCache cannot run with gradient checkpointing on this {type(module).__name__}: the checkpoint "
+                "would recompute the cached span, and with it the stateful skip decision, in the backward pass. "
+                "Call transformer.disable_gradient_checkpointing(), or run under torch.no_grad()"
+            )
+
+    def __deepcopy__(self, memo: dict) -> "Installation":
+        """The copy drives the copied transformer, with its own cache and state.
+
+        It follows no pipeline: the copy is not in one. It keeps the step count last learned.
+        """
+        new = copy.copy(self)
+        memo[id(self)] = new
+        for name in ("transformer", "cache", "span", "user_config", "base_cache_context", "shadowed"):
+            setattr(new, name, copy.deepcopy(getattr(self, name), memo))
+        new.pipeline = new.scheduler = new.on_context_entry = None
+        new.scheduler_patches = {}
+        _hold_float_specialization()  # the copy is enabled too: its own disable releases it
+        return new
 
 
 def install(transformer: nn.Module, family: ModelFamily, cache) -> Installation:
@@ -47,71 +124,26 @@ def install(transformer: nn.Module, family: ModelFamily, cache) -> Installation:
     for name, blocks in lists.items():
         if not isinstance(blocks, nn.ModuleList) or (name == family.block_lists[0] and len(blocks) == 0):
             raise ValueError(f"{type(transformer).__name__}.{name} should be the model's nn.ModuleList of blocks, got {blocks!r:.80}")
+        if isinstance(blocks, CachedBlockList):
+            raise RuntimeError(f"{type(transformer).__name__}.{name} is already cached by another installation")
     span = family.span_class(*lists.values(), cache=cache)
-    inst = Installation(transformer, family, cache, lists)
+    inst = Installation(transformer, family, cache, span, {name: type(blocks) for name, blocks in lists.items()})
 
-    first, *rest = family.block_lists
-    setattr(transformer, first, nn.ModuleList([span]))
-    for name in rest:
-        setattr(transformer, name, nn.ModuleList())
+    for i, blocks in enumerate(lists.values()):
+        blocks.__class__ = cached_class(type(blocks))
+        setattr(blocks, YIELDS, (span,) if i == 0 else ())
 
-    prefix = _span_prefix(family)
-
-    def canonical_keys(module, state_dict, sd_prefix, local_metadata):
-        inner = sd_prefix + prefix
-        items = list(state_dict.items())  # rebuilt in order: renamed keys keep their original position
-        state_dict.clear()
-        for key, value in items:
-            state_dict[sd_prefix + key[len(inner) :] if key.startswith(inner) else key] = value
-
-    def span_keys(module, state_dict, sd_prefix, *args):
-        inner = sd_prefix + prefix
-        for key in list(state_dict):
-            if not key.startswith(sd_prefix):
-                continue
-            rest = key[len(sd_prefix) :]
-            if key.startswith(inner) and rest[len(prefix) :].split(".", 1)[0] in family.block_lists:
-                continue  # already names a block inside the span
-            if rest.split(".", 1)[0] in family.block_lists:
-                state_dict[inner + rest] = state_dict.pop(key)
-
-    def refuse_unsupported(module, args, kwargs):
-        what = family.unsupported_input(args, kwargs)
-        if what is not None:
-            raise NotImplementedError(
-                f"TeaCache for {type(module).__name__} does not support {what} yet; "
-                "call teacache_kernels.disable_teacache() to run this input uncached"
-            )
-
-    inst.handles = [
-        transformer.register_state_dict_post_hook(canonical_keys),
-        transformer.register_load_state_dict_pre_hook(span_keys),
-        transformer.register_forward_pre_hook(refuse_unsupported, with_kwargs=True),
-    ]
-    _route_cache_context(inst)
+    handle = transformer.register_forward_pre_hook(inst.check_inputs, with_kwargs=True)
+    inst.pre_hook_id = handle.id  # the id, not the handle: a handle's weak reference would survive deepcopy
+    inst.base_cache_context = getattr(transformer, "cache_context", None)
+    for name in ("cache_context", "enable_cache"):
+        # An instance attribute shadows the class's method; uninstall restores what was there.
+        if name in vars(transformer):
+            inst.shadowed[name] = vars(transformer)[name]
+        setattr(transformer, name, getattr(inst, name))
     transformer._teacache = inst
+    _hold_float_specialization()
     return inst
-
-
-def _route_cache_context(inst: Installation) -> None:
-    transformer, cache = inst.transformer, inst.cache
-    original = getattr(transformer, "cache_context", None)  # diffusers' CacheMixin.cache_context, if any
-    inst.shadowed_cache_context = vars(transformer).get("cache_context")
-
-    @contextlib.contextmanager
-    def cache_context(name: str, **kwargs):
-        if inst.on_context_entry is not None:
-            inst.on_context_entry()
-        with original(name, **kwargs) if original is not None else contextlib.nullcontext():
-            previous = cache.activate(name)
-            try:
-                yield
-            finally:
-                cache.activate(previous)
-
-    # An instance attribute shadows the class's method; uninstall restores what was there. A compiled
-    # module (OptimizedModule) forwards attribute lookups to the original, so pipelines reach this too.
-    transformer.cache_context = cache_context
 
 
 def unpatch_scheduler(inst: Installation) -> None:
@@ -124,12 +156,15 @@ def unpatch_scheduler(inst: Installation) -> None:
 
 def uninstall(inst: Installation) -> None:
     t = inst.transformer
-    for name, blocks in inst.original_lists.items():
-        setattr(t, name, blocks)
-    for h in inst.handles:
-        h.remove()
-    del t.cache_context
-    if inst.shadowed_cache_context is not None:
-        t.cache_context = inst.shadowed_cache_context
+    for name, blocks in inst.block_lists.items():
+        del blocks.__dict__[YIELDS]
+        blocks.__class__ = inst.list_classes[name]
+    t._forward_pre_hooks.pop(inst.pre_hook_id, None)
+    t._forward_pre_hooks_with_kwargs.pop(inst.pre_hook_id, None)
+    for name in ("cache_context", "enable_cache"):
+        delattr(t, name)
+        if name in inst.shadowed:
+            setattr(t, name, inst.shadowed[name])
     unpatch_scheduler(inst)
     del t._teacache
+    _release_float_specialization()

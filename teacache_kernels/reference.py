@@ -126,7 +126,7 @@ class ReferenceCache:
         self.config = config
         self.signal = config.signal
         self.contexts: dict[str, TeaCacheOracle] = {"default": TeaCacheOracle(config)}
-        self.residuals: dict[str, torch.Tensor] = {}
+        self.residuals: dict[str, tuple[torch.Tensor, ...]] = {}  # per context, one per cached stream
         self._layouts: dict[str, tuple] = {}
         self.active = "default"
 
@@ -151,23 +151,23 @@ class ReferenceCache:
     def run(
         self,
         signal: torch.Tensor,
-        stream: torch.Tensor,
-        full: Callable[..., torch.Tensor],
+        streams: Sequence[torch.Tensor],
+        full: Callable[..., tuple[torch.Tensor, ...]],
         operands: Sequence[torch.Tensor],
-    ) -> torch.Tensor:
-        """Return the span's output for `stream` (its input): reused, or computed by `full(*operands)`."""
-        name = self.active
-        layout = (signal.shape, signal.dtype, stream.shape, stream.dtype, sequence_length(stream))
+    ) -> tuple[torch.Tensor, ...]:
+        """The span's outputs for `streams` (its inputs): each `stream + residual` if reused, else `full(*operands)`."""
+        name, streams = self.active, tuple(streams)
+        layout = (signal.shape, signal.dtype, [(s.shape, s.dtype) for s in streams], sequence_length(streams[0]))
         if self._layouts.get(name) != layout:  # first call, new shape or dtype: start over, as FusedCache does
             if name in self._layouts:
                 self.contexts[name] = TeaCacheOracle(self.config)
             self.contexts[name].config = self.config.for_sequence(layout[-1])
         self._layouts[name] = layout
         if self.contexts[name].decide(signal):
-            return stream + self.residuals[name]
-        out = full(*operands)
-        self.residuals[name] = out - stream
-        return out
+            return tuple(s + r for s, r in zip(streams, self.residuals[name]))
+        outs = tuple(full(*operands))
+        self.residuals[name] = tuple((out - s).detach() for out, s in zip(outs, streams))
+        return outs
 
     def history(self) -> dict[str, tuple[list[StepRecord], int, int]]:
         return {n: (list(o.history), o.calls, o.reused) for n, o in self.contexts.items() if o.calls}

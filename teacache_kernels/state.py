@@ -10,6 +10,8 @@ All scalars are float64 (integers up to 2**53 are exact), so one pointer carries
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from .coefficients import MAX_COEFFICIENTS
@@ -66,50 +68,61 @@ def config_values(config: ResolvedConfig) -> list[float]:
     return values
 
 
-def sequence_length(stream: torch.Tensor) -> int:
-    """Tokens of a [batch, tokens, channels] stream: what calibrated coefficients are keyed by."""
-    return int(stream.shape[-2]) if stream.dim() >= 2 else 1
+def sequence_length(stream: torch.Tensor | torch.Size | tuple) -> int:
+    """Tokens of a [batch, tokens, channels] stream (or its shape): what calibrated coefficients are keyed by."""
+    shape = stream.shape if isinstance(stream, torch.Tensor) else stream
+    return int(shape[-2]) if len(shape) >= 2 else 1
 
 
 def log_capacity(config: ResolvedConfig) -> int:
     return max(LOG_MIN_CAPACITY, config.num_inference_steps or 0)
 
 
+def layout_of(signal: torch.Tensor, streams: Sequence[torch.Tensor]) -> tuple:
+    """What a context's buffers are shaped by: (signal shape, signal dtype, stream shapes, stream dtypes, device).
+
+    A plain tuple of ints, dtypes and a device: a constant under torch.compile with static shapes.
+    """
+    return (
+        tuple(signal.shape), signal.dtype, tuple(tuple(s.shape) for s in streams), tuple(s.dtype for s in streams),
+        signal.device,
+    )  # fmt: skip
+
+
 class ContextState:
-    """One CFG context's buffers, allocated by `allocate()` for a signal/stream pair on first use."""
+    """One CFG context's buffers, allocated by `allocate()` for a signal and its cached streams."""
 
     def __init__(self, name: str):
         self.name = name
+        self.layout: tuple | None = None  # what the buffers are allocated for (`layout_of`)
         self.prev_signal: torch.Tensor | None = None  # signal shape and dtype
-        self.residual: torch.Tensor | None = None  # residual stream's shape and dtype
+        self.residuals: tuple[torch.Tensor, ...] = ()  # one per cached stream, its shape and dtype
         self.scalars: torch.Tensor | None = None  # float64 [NUM_SCALARS]
         self.config: torch.Tensor | None = None  # float64 [NUM_CONFIG]
         self.log: torch.Tensor | None = None  # float64 [capacity, LOG_WIDTH]
         self.partials: torch.Tensor | None = None  # float32 [2 * MAX_PROGRAMS], the reduction's workspace
         self.ticket: torch.Tensor | None = None  # int32 [1], counts finished programs; reset by the last
-        self.seq_len: int | None = None  # the stream's tokens: picks a calibrated config's set
+        self.seq_len: int | None = None  # the first stream's tokens: picks a calibrated config's set (if any)
 
-    def matches(self, signal: torch.Tensor, stream: torch.Tensor) -> bool:
-        """Shape/dtype/device checks only: static under torch.compile, so no graph break and no sync."""
-        p, r = self.prev_signal, self.residual
-        return (
-            p is not None
-            and r is not None
-            and p.shape == signal.shape
-            and p.dtype == signal.dtype
-            and p.device == signal.device
-            and r.shape == stream.shape
-            and r.dtype == stream.dtype
-            and r.device == stream.device
-        )
+    @property
+    def residual(self) -> torch.Tensor | None:
+        """The first cached stream's residual (the only one for single-stream families)."""
+        return self.residuals[0] if self.residuals else None
 
-    def allocate(self, signal: torch.Tensor, stream: torch.Tensor, config: ResolvedConfig) -> None:
-        device = signal.device
-        self.seq_len = sequence_length(stream)
+    def allocate(self, signal: torch.Tensor, streams: torch.Tensor | Sequence[torch.Tensor], config: ResolvedConfig) -> None:
+        streams = (streams,) if isinstance(streams, torch.Tensor) else tuple(streams)
+        self.allocate_layout(layout_of(signal, streams), config)
+
+    def allocate_layout(self, layout: tuple, config: ResolvedConfig) -> None:
+        """Fresh buffers for `layout` (see `layout_of`), state at the start of a generation, lifetime counts at 0."""
+        signal_shape, signal_dtype, stream_shapes, stream_dtypes, device = layout
+        self.layout = layout
+        # int() of a symbolic size would specialize it: read the length only where calibrated sets need it.
+        self.seq_len = sequence_length(stream_shapes[0]) if config.calibrated else None
         config = config.for_sequence(self.seq_len)
         f64 = dict(dtype=torch.float64, device=device)
-        self.prev_signal = torch.zeros_like(signal, memory_format=torch.contiguous_format)
-        self.residual = torch.zeros_like(stream, memory_format=torch.contiguous_format)
+        self.prev_signal = torch.zeros(signal_shape, dtype=signal_dtype, device=device)
+        self.residuals = tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in zip(stream_shapes, stream_dtypes))
         self.scalars = torch.zeros(NUM_SCALARS, **f64)
         self.config = torch.tensor(config_values(config), **f64)
         self.log = torch.full((log_capacity(config), LOG_WIDTH), float("nan"), **f64)

@@ -15,15 +15,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..block_list import original_blocks
 from .base import ModelFamily
 
 
 class FluxBlockSpan(nn.Module):
-    """FLUX's double and single blocks as one cached unit (called once, like a double block)."""
+    """FLUX's double and single blocks as one cached unit (called once, like a double block).
+
+    Not registered in the transformer: iterating `transformer_blocks` yields it (see install.py).
+    """
 
     def __init__(self, transformer_blocks: nn.ModuleList, single_transformer_blocks: nn.ModuleList, *, cache):
         super().__init__()
-        # Same attribute names as on the transformer, so state_dict keys map back by dropping a prefix.
         self.transformer_blocks = transformer_blocks
         self.single_transformer_blocks = single_transformer_blocks
         self.cache = cache  # a FusedCache or a ReferenceCache: plain object, never in state_dict
@@ -44,14 +47,14 @@ class FluxBlockSpan(nn.Module):
 
         def full(h, e, temb, *rope):
             kwargs = dict(temb=temb, image_rotary_emb=rope or None, joint_attention_kwargs=joint_attention_kwargs)
-            for block in self.transformer_blocks:
+            for block in original_blocks(self.transformer_blocks):
                 e, h = block(hidden_states=h, encoder_hidden_states=e, **kwargs)
-            for block in self.single_transformer_blocks:
+            for block in original_blocks(self.single_transformer_blocks):
                 e, h = block(hidden_states=h, encoder_hidden_states=e, **kwargs)
-            return h
+            return (h,)
 
         operands = (hidden_states, encoder_hidden_states, temb, *rope)
-        hidden_states = self.cache.run(signal, hidden_states, full, operands)
+        (hidden_states,) = self.cache.run(signal, (hidden_states,), full, operands)
         return encoder_hidden_states, hidden_states
 
 
