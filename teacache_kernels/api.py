@@ -36,7 +36,8 @@ def enable_teacache(pipe_or_transformer: Any, config: TeaCacheConfig | None = No
     generation. On a bare transformer, `num_inference_steps` is required: the step counter wraps at it.
     Calling it again on an enabled model updates the config in place (no recompilation).
     `reference=True` runs the eager oracle (`reference.ReferenceCache`) instead of the fused ops.
-    Enable before `torch.compile`, and after loading LoRAs or setting attention processors.
+    Enable before `torch.compile`. Module and parameter names do not change: LoRAs, attention processors,
+    offloading and layerwise casting work the same before or after enabling (README, "While enabled").
 
     A model you calibrated yourself: `enable_teacache(pipe, coefficients_file="my_model.teacache.json")`
     (written by `python -m teacache_kernels calibrate`): each CFG context uses the set fitted at the
@@ -49,10 +50,11 @@ def enable_teacache(pipe_or_transformer: Any, config: TeaCacheConfig | None = No
 
     pipeline, transformer = _split(pipe_or_transformer)
     inst = getattr(transformer, "_teacache", None)
-    if inst is None and getattr(transformer, "is_cache_enabled", False):
+    other = _other_cache(transformer) if inst is None else None
+    if other is not None:
         raise RuntimeError(
-            f"a diffusers cache ({type(getattr(transformer, '_cache_config', None)).__name__}) is already enabled on this "
-            f"{type(transformer).__name__}: call transformer.disable_cache() first, or two caches would skip the same work"
+            f"cannot enable TeaCache on this {type(transformer).__name__}: diffusers' {other} is already enabled on it, "
+            "and the two would skip the same work; call transformer.disable_cache() first"
         )
     # Enabling again updates: fields not given keep their current values.
     config = TeaCacheConfig.from_fields(config or (inst.user_config if inst is not None else None), fields)
@@ -68,7 +70,8 @@ def enable_teacache(pipe_or_transformer: Any, config: TeaCacheConfig | None = No
             "only until the next one", stacklevel=2
         )  # fmt: skip
     family = inst.family if inst is not None else family_for(transformer)
-    resolved = ResolvedConfig.resolve(config, family.default_coefficients(transformer, pipeline))
+    resolved = ResolvedConfig.resolve(config, family.coefficients_for(transformer, pipeline))
+    _check_signal(resolved, family)
     if inst is not None and inst.pipeline is not None:  # the scheduler's step count stands until it is set again
         resolved = _with_steps(resolved, inst.cache.config.num_inference_steps)
 
@@ -85,6 +88,33 @@ def enable_teacache(pipe_or_transformer: Any, config: TeaCacheConfig | None = No
     if pipeline is not None and inst.pipeline is None:
         _follow_scheduler(inst, pipeline)
     return pipe_or_transformer
+
+
+# Hooks diffusers' caches register (diffusers/hooks/*.py), for caches applied without `enable_cache`.
+_CACHE_HOOKS = (
+    "faster_cache", "fbc_", "mag_cache", "pyramid_attention_broadcast", "sea_cache", "taylorseer_cache", "text_kv_cache",
+)  # fmt: skip
+
+
+def _other_cache(transformer: nn.Module) -> str | None:
+    """The name of a diffusers cache enabled on `transformer` (by enable_cache or a hook function), or None."""
+    config = getattr(transformer, "_cache_config", None)
+    if config is not None:
+        return type(config).__name__
+    for name, module in transformer.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in getattr(registry, "hooks", {}):
+            if hook.startswith(_CACHE_HOOKS):
+                return f"cache hook {hook!r} on {name or 'the transformer'}"
+    return None
+
+
+def _check_signal(resolved: ResolvedConfig, family) -> None:
+    if resolved.calibrated and resolved.signal not in family.signals:
+        raise ValueError(
+            f"the coefficients file was fitted on the signal {resolved.signal!r}, which TeaCache's {family.name} span "
+            f"does not compute; it computes {sorted(family.signals)}"
+        )
 
 
 def _follow_scheduler(inst, pipeline) -> None:

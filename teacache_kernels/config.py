@@ -149,7 +149,7 @@ class ResolvedConfig:
     clamp_to_calibrated: bool = False  # x_range comes from each length's fitted range
 
     @classmethod
-    def resolve(cls, config: TeaCacheConfig, default_set: str) -> "ResolvedConfig":
+    def resolve(cls, config: TeaCacheConfig, default_set: str | None) -> "ResolvedConfig":
         options = dict(
             num_inference_steps=config.num_inference_steps,
             warmup_steps=config.warmup_steps,
@@ -162,6 +162,11 @@ class ResolvedConfig:
         if config.coefficients_file is not None:
             return cls._from_file(config, options)
         chosen = config.coefficients if config.coefficients is not None else default_set
+        if chosen is None:
+            raise ValueError(
+                "this model has no published coefficients: give coefficients=[...] (highest power first) or "
+                "coefficients_file= (python -m teacache_kernels calibrate writes one)"
+            )
         name = chosen if isinstance(chosen, str) else None
         thresh = config.rel_l1_thresh
         if thresh is None:

@@ -75,10 +75,6 @@ def run(
     cached = digits.load_transformer()
     tk.enable_teacache(cached, recommended, rel_l1_thresh=thresholds[0], num_inference_steps=steps)
     if compile:
-        # Allocate the cache state eagerly (one call per CFG context), so the compiled graph never holds the
-        # allocation and one graph serves every step: compile once instead of twice.
-        digits.generate(cached, labels, num_steps=1)
-        tk.reset_teacache(cached)
         run_plain, run_cached = torch.compile(plain, fullgraph=True), torch.compile(cached, fullgraph=True)
         for name, model in (("uncached", run_plain), ("TeaCache", run_cached)):
             print(f"compiling the {name} transformer (a cold CPU compile takes about a minute) ...", end=" ", flush=True)

@@ -126,7 +126,7 @@ def install(transformer: nn.Module, family: ModelFamily, cache) -> Installation:
             raise ValueError(f"{type(transformer).__name__}.{name} should be the model's nn.ModuleList of blocks, got {blocks!r:.80}")
         if isinstance(blocks, CachedBlockList):
             raise RuntimeError(f"{type(transformer).__name__}.{name} is already cached by another installation")
-    span = family.span_class(*lists.values(), cache=cache)
+    span = family.span_class(*lists.values(), family=family, cache=cache)
     inst = Installation(transformer, family, cache, span, {name: type(blocks) for name, blocks in lists.items()})
 
     for i, blocks in enumerate(lists.values()):

@@ -286,3 +286,13 @@ def test_compile_once_on_the_first_call_then_never_again(inputs, dynamic):
         n: c.schedule for n, c in tk.summary(reference).contexts.items()
     }
     assert torch.allclose(first, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_cache_applied_by_a_diffusers_hook_function_is_refused_naming_both():
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    model = tiny_flux_transformer(SHAPE)
+    apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.1))  # no enable_cache: no _cache_config
+    with pytest.raises(RuntimeError, match="cannot enable TeaCache on this FluxTransformer2DModel: diffusers' cache hook 'fbc_"):
+        tk.enable_teacache(model, num_inference_steps=STEPS)
+    assert not hasattr(model, "_teacache")

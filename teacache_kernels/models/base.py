@@ -1,24 +1,141 @@
-"""What the generic installer needs to know about a transformer family."""
+"""What TeaCache needs to know about a transformer family, and the one cached span every family uses.
+
+A family is data: the attribute names of the block lists, the block arguments that carry the hidden
+streams, what a block returns, which streams carry a residual, and how to compute the signal from block
+0's arguments. `BlockSpan` turns that into the module the first block list yields while TeaCache is on
+(see block_list.py): called once with block 0's arguments, it computes the signal, decides on the
+device, and either runs every block of every list or applies the cached residuals. No forward is copied.
+
+Register a family of your own with `teacache_kernels.register_model(ModelFamily(...))`
+(docs/adding_a_model.md).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
+from torch import nn
+
+from ..block_list import original_blocks
+
+# fn(block_0, call) -> the signal tensor, where `call` maps block 0's parameter names to this call's arguments.
+SignalFn = Callable[[nn.Module, dict], torch.Tensor]
+
+
+def _no_unsupported_input(args: tuple, kwargs: dict) -> str | None:
+    return None
 
 
 @dataclass(frozen=True)
 class ModelFamily:
+    """How TeaCache caches one transformer family. Only `name`, `class_names`, `block_lists` and `signals` are required.
+
+    name: a short name (summaries, errors).
+    class_names: the transformer classes it serves, by class name (subclasses are found through the MRO).
+    block_lists: attribute names of the transformer's `nn.ModuleList`s of blocks, in the order its forward
+        runs them. Every block of every list must take the streams under the same parameter names.
+    signals: signal name -> `fn(block_0, call)`, where `call` maps block 0's parameter names to the
+        arguments of this call (positional ones included). The first is the default; a calibration file
+        or a coefficient set may select another by name (e.g. "timestep_embedding").
+    streams: the block parameters that carry hidden states from block to block.
+    returns: what a block returns, as names from `streams`, in order; one name: the block returns a tensor.
+        Default: `streams` (a tuple) or the one stream (a tensor).
+    cached: the streams whose residual (span output - span input) is cached and applied on a reused call.
+        Default: the first stream. Streams not listed come out of the span as they went in: list every
+        stream the transformer reads after its blocks.
+    default_coefficients: the published set for a model of this family: a name, or
+        `fn(transformer, pipeline or None) -> name`. None: users give `coefficients` or `coefficients_file`.
+    unsupported_input: `fn(args, kwargs)` of a transformer call -> the name of an input the span cannot
+        honour (ControlNet residuals added between blocks...), or None. Checked before each call.
+    """
+
     name: str
-    class_names: tuple[str, ...]  # diffusers classes this family handles
-    # Attribute names of the transformer's block lists, in execution order. The first is replaced by a
-    # one-element list holding the span (its forward runs every list); the others by empty lists, so the
-    # transformer's own forward, untouched, calls the span exactly once.
+    class_names: tuple[str, ...]
     block_lists: tuple[str, ...]
-    # span_class(*original_lists, cache=...) -> nn.Module with the forward signature of the first list's blocks
-    span_class: type[torch.nn.Module]
-    # (transformer, pipeline or None) -> name of the published coefficient set to use by default
-    default_coefficients: Callable[[torch.nn.Module, Any], str]
-    # (args, kwargs) of a transformer call -> the name of an input this package cannot cache yet, or None
-    unsupported_input: Callable[[tuple, dict], str | None]
+    signals: Mapping[str, SignalFn]
+    streams: tuple[str, ...] = ("hidden_states",)
+    returns: tuple[str, ...] | None = None
+    cached: tuple[str, ...] | None = None
+    default_coefficients: str | Callable[[nn.Module, Any], str] | None = None
+    unsupported_input: Callable[[tuple, dict], str | None] = _no_unsupported_input
+    span_class: type[nn.Module] = field(default=None)  # type: ignore[assignment]  # BlockSpan unless given
+
+    def __post_init__(self) -> None:
+        def names(value, what):
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value) or not value:
+                raise ValueError(f"ModelFamily {self.name!r}: {what} must be a non-empty tuple of names, got {value!r}")
+            return tuple(value)
+
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen)
+        set_("class_names", names(self.class_names, "class_names"))
+        set_("block_lists", names(self.block_lists, "block_lists"))
+        set_("streams", names(self.streams, "streams"))
+        set_("returns", names(self.returns, "returns") if self.returns is not None else self.streams)
+        set_("cached", names(self.cached, "cached") if self.cached is not None else self.streams[:1])
+        for what in ("returns", "cached"):
+            unknown = [n for n in getattr(self, what) if n not in self.streams]
+            if unknown:
+                raise ValueError(f"ModelFamily {self.name!r}: {what} names {unknown}, which are not among streams {self.streams}")
+        if not self.signals or not all(callable(f) for f in self.signals.values()):
+            raise ValueError(f"ModelFamily {self.name!r}: signals must map names to functions fn(block_0, call)")
+        set_("signals", dict(self.signals))
+        if self.span_class is None:
+            set_("span_class", BlockSpan)
+
+    def coefficients_for(self, transformer: nn.Module, pipeline: Any) -> str | None:
+        d = self.default_coefficients
+        return d(transformer, pipeline) if callable(d) else d
+
+
+def parameter_names(block: nn.Module) -> tuple[str, ...]:
+    """The names of a block's forward parameters, in order (positional arguments are mapped onto them)."""
+    params = inspect.signature(block.forward).parameters.values()
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+class BlockSpan(nn.Module):
+    """All blocks of a family's block lists as one cached unit, called like block 0.
+
+    Not registered in the transformer (its blocks are, where they always were): the first block list
+    yields it when iterated. `cache` is a FusedCache or a ReferenceCache.
+    """
+
+    def __init__(self, *block_lists: nn.ModuleList, family: ModelFamily, cache):
+        super().__init__()
+        self.block_lists = nn.ModuleList(block_lists)  # the span's own view; never part of the transformer
+        self.family = family
+        self.cache = cache
+        self.first_block = block_lists[0][0]
+        # Read once here, on the host: a block's parameter names map positional arguments (gradient
+        # checkpointing calls blocks positionally) onto names.
+        self.names = parameter_names(self.first_block)
+
+    def forward(self, *args, **kwargs):
+        family = self.family
+        call = dict(zip(self.names, args))
+        call.update(kwargs)
+        missing = [s for s in family.streams if s not in call]
+        if missing:
+            raise TypeError(f"TeaCache's {family.name} span was called without the stream(s) {missing}")
+        # The cache's signal name (a plain string: static under compile) picks the function; a name this
+        # family does not define (the config's default) means the family's first.
+        signal_fn = family.signals.get(self.cache.signal) or next(iter(family.signals.values()))
+        signal = signal_fn(self.first_block, call)
+        streams_in = tuple(call[s] for s in family.cached)
+
+        def full(*cached_in):
+            state = dict(call, **dict(zip(family.cached, cached_in)))
+            for blocks in self.block_lists:
+                for block in original_blocks(blocks):
+                    out = block(**state)
+                    if len(family.returns) == 1:
+                        out = (out,)
+                    state.update(zip(family.returns, out))
+            return tuple(state[s] for s in family.cached)
+
+        cached_out = dict(zip(family.cached, self.cache.run(signal, streams_in, full, streams_in)))
+        out = tuple(cached_out.get(name, call[name]) for name in family.returns)
+        return out[0] if len(out) == 1 else out
