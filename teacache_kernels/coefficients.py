@@ -28,6 +28,9 @@ class CoefficientSet:
     default_thresh: float
     speedups: str  # published threshold -> speedup pairs
     source: str
+    # How the implementation the set comes from accumulates (both off in the authors' scripts):
+    abs_rescaled: bool = False  # add |poly(x)| instead of poly(x)
+    denominator_eps: float = 0.0  # x = mean|m - m_prev| / (mean|m_prev| + eps)
 
 
 _AUTHORS = "ali-vilab/TeaCache"
@@ -260,7 +263,12 @@ PUBLISHED: dict[str, CoefficientSet] = {
             "block 0 image stream: _modulate(img_norm1(h), img_mod(temb).chunk(2)[0])",
             0.2,
             "0.2 default",
-            "vllm-omni",
+            # vLLM-Omni's TeaCache (vllm_omni/diffusion/cache/teacache/config.py), which took the values from
+            # ComfyUI-TeaCache. poly(0) = -0.02: vLLM-Omni accumulates |poly(x)|, so an unchanged signal still
+            # adds to the accumulator, and adds 1e-8 to the denominator.
+            "vllm-omni (from ComfyUI-TeaCache)",
+            abs_rescaled=True,
+            denominator_eps=1e-8,
         ),
         CoefficientSet(
             "easyanimate-v5.1-7b",

@@ -38,6 +38,9 @@ class TeaCacheConfig:
     coefficients_file: a JSON file written by `teacache_kernels calibrate`: coefficients (and x range,
         recommended threshold, signal) per fitted sequence length; each call uses the nearest length's.
     calibrated_model: which model of that file; needed only when the file holds several.
+    abs_rescaled: accumulate |poly(x)| instead of poly(x), so a polynomial that goes negative cannot lower
+        the accumulator. None: the coefficient set's rule (True for "qwen-image", as vLLM-Omni does;
+        False for the authors' sets and for explicit coefficients).
     """
 
     rel_l1_thresh: float | None = None
@@ -51,8 +54,11 @@ class TeaCacheConfig:
     clamp_x: bool | tuple[float, float] = False
     coefficients_file: str | os.PathLike | None = None
     calibrated_model: str | None = None
+    abs_rescaled: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.abs_rescaled is not None and not isinstance(self.abs_rescaled, bool):
+            raise ValueError(f"abs_rescaled must be True, False or None, got {self.abs_rescaled!r}")
         t = self.rel_l1_thresh
         if t is not None:
             if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
@@ -147,6 +153,8 @@ class ResolvedConfig:
     calibrated_model: str | None = None
     thresh_from_file: bool = False  # rel_l1_thresh comes from each length's recommended_thresh
     clamp_to_calibrated: bool = False  # x_range comes from each length's fitted range
+    abs_rescaled: bool = False  # accumulate |poly(x)|
+    denominator_eps: float = 0.0  # x = mean|m - m_prev| / (mean|m_prev| + eps)
 
     @classmethod
     def resolve(cls, config: TeaCacheConfig, default_set: str | None) -> "ResolvedConfig":
@@ -158,6 +166,7 @@ class ResolvedConfig:
             min_skip_step=config.min_skip_step,
             max_skip_step=config.max_skip_step,
             x_range=config.clamp_x if isinstance(config.clamp_x, tuple) else None,
+            abs_rescaled=bool(config.abs_rescaled),
         )
         if config.coefficients_file is not None:
             return cls._from_file(config, options)
@@ -175,6 +184,11 @@ class ResolvedConfig:
                     "rel_l1_thresh is required with explicit coefficients (only published sets carry a default)"
                 )
             thresh = _coefficients.PUBLISHED[name].default_thresh
+        if name is not None:  # the accumulation rule of the implementation the set comes from
+            published = _coefficients.PUBLISHED[name]
+            options["denominator_eps"] = published.denominator_eps
+            if config.abs_rescaled is None:
+                options["abs_rescaled"] = published.abs_rescaled
         return cls(
             rel_l1_thresh=float(thresh), coefficients=_coefficients.resolve(chosen), coefficient_set=name, **options
         )

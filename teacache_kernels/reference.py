@@ -10,9 +10,11 @@ Per forward call of the transformer, with one state per CFG context:
      generation, one of the first `warmup_steps` or last `cooldown_steps` calls of the generation, a
      distance that is not a finite number (NaN/Inf in the signal, or an all-zero previous signal), or
      rel_l1_thresh == 0 (the off switch).
-  3. Otherwise x = mean|m - m_prev| / mean|m_prev| over all elements (batch included), acc += poly(x),
-     and the call reuses the cached residual iff acc is finite and acc < rel_l1_thresh; else it computes
-     and acc = 0.
+  3. Otherwise x = mean|m - m_prev| / (mean|m_prev| + eps) over all elements (batch included),
+     acc += poly(x), and the call reuses the cached residual iff acc is finite and acc < rel_l1_thresh;
+     else it computes and acc = 0. eps is 0 and poly(x) is added as it is, as in the authors' scripts,
+     except where the coefficient set's implementation does otherwise (qwen-image, from vLLM-Omni:
+     eps = 1e-8 and |poly(x)| is added; `abs_rescaled` chooses the latter for any set).
      Options beyond the original, each off by default: x is clamped to `x_range` before the polynomial
      (the log keeps the raw x); a call is forced to compute after `max_consecutive_skips` reuses in a
      row, and outside the steps [min_skip_step, max_skip_step]. Forced calls reset acc as in step 2.
@@ -58,10 +60,13 @@ class StepRecord:
     reused: bool  # True: the cached residual was applied; False: the blocks ran
 
 
-def rel_l1(signal: torch.Tensor, prev: torch.Tensor) -> float:
-    """mean|signal - prev| / mean|prev| over all elements, in float64 (the means' counts cancel)."""
+def rel_l1(signal: torch.Tensor, prev: torch.Tensor, eps: float = 0.0) -> float:
+    """mean|signal - prev| / (mean|prev| + eps) over all elements, in float64.
+
+    Computed as sum|signal - prev| / (sum|prev| + eps * numel): the same value, with the counts cancelled.
+    """
     num = (signal.double() - prev.double()).abs().sum().item()
-    den = prev.double().abs().sum().item()
+    den = prev.double().abs().sum().item() + eps * signal.numel()
     if not (math.isfinite(num) and math.isfinite(den) and den > 0.0):
         return math.nan
     return num / den
@@ -90,9 +95,11 @@ class TeaCacheOracle:
         n = cfg.num_inference_steps
         if self.step == 0:  # a new generation's first call: the finished generation's history goes
             self.history = []
-        x = rel_l1(signal, self.prev) if self.prev is not None else math.nan
+        x = rel_l1(signal, self.prev, cfg.denominator_eps) if self.prev is not None else math.nan
         x_poly = x if cfg.x_range is None or not math.isfinite(x) else min(max(x, cfg.x_range[0]), cfg.x_range[1])
         y = polyval(cfg.coefficients, x_poly) if math.isfinite(x) else math.nan
+        if cfg.abs_rescaled:  # vLLM-Omni's rule (qwen-image): a negative poly(x) still adds
+            y = abs(y)
         forced = (
             self.prev is None
             or self.step < cfg.warmup_steps

@@ -38,7 +38,9 @@ MIN_SKIP_STEP = 5  # 0: from the first call
 MAX_SKIP_STEP = 6  # inf: to the last call
 X_LO = 7  # clamp range of x before the polynomial; -inf, inf: no clamp
 X_HI = 8
-COEFFS = 9  # MAX_COEFFICIENTS values, highest power first, left-padded with zeros
+ABS_RESCALED = 9  # 1.0: accumulate |poly(x)|
+DENOMINATOR_EPS = 10  # x = mean|m - m_prev| / (mean|m_prev| + eps)
+COEFFS = 11  # MAX_COEFFICIENTS values, highest power first, left-padded with zeros
 NUM_CONFIG = COEFFS + MAX_COEFFICIENTS
 
 # `log` rows, one per call of the generation: what `summary()` shows.
@@ -63,6 +65,8 @@ def config_values(config: ResolvedConfig) -> list[float]:
     values[MIN_SKIP_STEP] = float(config.min_skip_step or 0)
     values[MAX_SKIP_STEP] = inf if config.max_skip_step is None else float(config.max_skip_step)
     values[X_LO], values[X_HI] = config.x_range if config.x_range is not None else (-inf, inf)
+    values[ABS_RESCALED] = 1.0 if config.abs_rescaled else 0.0
+    values[DENOMINATOR_EPS] = config.denominator_eps
     coeffs = config.coefficients
     values[COEFFS + MAX_COEFFICIENTS - len(coeffs) : COEFFS + MAX_COEFFICIENTS] = coeffs
     return values

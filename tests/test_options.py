@@ -66,6 +66,48 @@ def test_clamp_x_evaluates_the_polynomial_at_the_range_edge_and_logs_the_raw_x()
     assert [r.y for r in clamped.history][1:5] == pytest.approx([0.05, 0.1, 0.05, 0.05])
 
 
+def test_abs_rescaled_adds_negative_polynomial_values():
+    # poly(x) = x - 0.1: -0.05 at every call. Signed, the accumulator only falls (reuse to the end);
+    # with abs it rises by 0.05 per call: reuse twice, compute at 0.15 >= 0.12.
+    signed = with_options(make_config(thresh=0.12), coefficients=(1.0, -0.1))
+    absolute = with_options(signed, abs_rescaled=True)
+    signals = signals_with_distances(D)
+    assert schedule(TeaCacheOracle(signed), signals) == "CRRRRRRRRC"
+    assert schedule(TeaCacheOracle(absolute), signals) == "CRRCRRCRRC"
+
+
+def test_denominator_eps_is_added_to_the_mean_of_the_previous_signal():
+    signals = signals_with_distances([0.05, 0.05])
+    eps = float(signals[0].abs().mean())  # doubles the denominator: x halves
+    oracle = TeaCacheOracle(with_options(make_config(thresh=50.0), denominator_eps=eps))
+    schedule(oracle, signals)
+    assert oracle.history[1].x == pytest.approx(0.025, rel=1e-6)
+    zeros = [torch.zeros(8), torch.ones(8)]  # a zero previous signal: x = 1 / eps instead of a forced compute
+    oracle = TeaCacheOracle(with_options(make_config(thresh=1e12), denominator_eps=1e-8, coefficients=(1.0, 0.0)))
+    assert schedule(oracle, zeros) == "CR" and oracle.history[1].x == pytest.approx(1e8)
+
+
+def test_qwen_image_set_carries_vllm_omni_rule_and_explicit_sets_do_not():
+    qwen = ResolvedConfig.resolve(TeaCacheConfig(num_inference_steps=10), "qwen-image")
+    assert qwen.abs_rescaled and qwen.denominator_eps == 1e-8 and qwen.rel_l1_thresh == 0.2
+    flux = ResolvedConfig.resolve(TeaCacheConfig(num_inference_steps=10), "flux")
+    assert not flux.abs_rescaled and flux.denominator_eps == 0.0
+    explicit = ResolvedConfig.resolve(TeaCacheConfig(rel_l1_thresh=0.2, coefficients=qwen.coefficients), None)
+    assert not explicit.abs_rescaled and explicit.denominator_eps == 0.0
+    assert ResolvedConfig.resolve(TeaCacheConfig(abs_rescaled=False), "qwen-image").abs_rescaled is False
+    assert ResolvedConfig.resolve(TeaCacheConfig(abs_rescaled=True), "flux").abs_rescaled is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_op_matches_the_oracle_with_the_qwen_image_rule(impl, dtype):
+    # Distances of 0.1-0.5 %, where the qwen-image polynomial is negative (it is from 0 to 0.0069).
+    config = ResolvedConfig.resolve(TeaCacheConfig(rel_l1_thresh=0.02, num_inference_steps=12), "qwen-image")
+    signals = random_walk(3000, 26, dtype, seed=3, step_sizes=(0.002, 0.005, 0.003, 0.001, 0.004))
+    got, _ = check_against_oracle(signals, config, impl)
+    signed, _ = check_against_oracle(signals, dataclasses.replace(config, abs_rescaled=False), impl)
+    assert got != signed, "abs_rescaled did not change the schedule: the test would not catch it being ignored"
+
+
 def test_options_default_off():
     config = ResolvedConfig.resolve(TeaCacheConfig(rel_l1_thresh=0.4, num_inference_steps=10), "flux")
     values = S.config_values(config)
@@ -111,6 +153,7 @@ def test_fused_op_matches_the_oracle_with_options(impl, dtype, name):
         (dict(clamp_x=True), "clamp_x=True clamps to a calibrated x range"),
         (dict(coefficients="flux", coefficients_file="c.json"), "give coefficients or coefficients_file, not both"),
         (dict(calibrated_model="m"), "calibrated_model names a model of a coefficients_file"),
+        (dict(abs_rescaled="yes"), "abs_rescaled must be True, False or None, got 'yes'"),
     ],
 )
 def test_bad_options_are_refused_by_name(fields, message):

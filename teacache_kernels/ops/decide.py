@@ -35,6 +35,8 @@ _MIN_SKIP_STEP = tl.constexpr(S.MIN_SKIP_STEP)
 _MAX_SKIP_STEP = tl.constexpr(S.MAX_SKIP_STEP)
 _X_LO = tl.constexpr(S.X_LO)
 _X_HI = tl.constexpr(S.X_HI)
+_ABS_RESCALED = tl.constexpr(S.ABS_RESCALED)
+_DENOMINATOR_EPS = tl.constexpr(S.DENOMINATOR_EPS)
 _CONSECUTIVE = tl.constexpr(S.CONSECUTIVE)
 _COEFFS = tl.constexpr(S.COEFFS)
 _LOG_WIDTH = tl.constexpr(S.LOG_WIDTH)
@@ -105,13 +107,16 @@ def _decide_kernel(
         x_lo = tl.load(config_ptr + _X_LO)
         x_hi = tl.load(config_ptr + _X_HI)
 
-        x = sum_diff / sum_base
+        # mean|d| / (mean|p| + eps) = sum|d| / (sum|p| + eps * numel)
+        den = sum_base + tl.load(config_ptr + _DENOMINATOR_EPS) * numel.to(tl.float64)
+        x = sum_diff / den
         # (v - v) == 0 holds exactly for finite v: it is NaN for NaN and for +-Inf.
-        finite = ((sum_diff - sum_diff) == 0.0) & ((sum_base - sum_base) == 0.0) & (sum_base > 0.0)
+        finite = ((sum_diff - sum_diff) == 0.0) & ((den - den) == 0.0) & (den > 0.0)
         x_poly = tl.where(x < x_lo, x_lo, tl.where(x > x_hi, x_hi, x))  # compares: NaN passes through
         y = tl.load(config_ptr + _COEFFS)
         for i in tl.static_range(1, NUM_COEFFS):
             y = y * x_poly + tl.load(config_ptr + _COEFFS + i)
+        y = tl.where(tl.load(config_ptr + _ABS_RESCALED) > 0.0, tl.abs(y), y)
         candidate = acc + y
         forced = (has_prev == 0) | (step < warmup) | ((num_steps > 0.0) & (step >= num_steps - cooldown))
         forced = forced | (thresh == 0.0)  # the off switch, whatever sign the polynomial takes
@@ -200,12 +205,14 @@ def decide_torch(
     warmup, cooldown = config[S.WARMUP], config[S.COOLDOWN]
     x_lo, x_hi = config[S.X_LO], config[S.X_HI]
 
-    x = sum_diff / sum_base
-    finite = torch.isfinite(sum_diff) & torch.isfinite(sum_base) & (sum_base > 0)
+    den = sum_base + config[S.DENOMINATOR_EPS] * signal.numel()  # mean|d| / (mean|p| + eps), as sums
+    x = sum_diff / den
+    finite = torch.isfinite(sum_diff) & torch.isfinite(den) & (den > 0)
     x_poly = torch.where(x < x_lo, x_lo, torch.where(x > x_hi, x_hi, x))  # compares: NaN passes through
     y = config[S.COEFFS]
     for i in range(1, MAX_COEFFICIENTS):
         y = y * x_poly + config[S.COEFFS + i]
+    y = torch.where(config[S.ABS_RESCALED] > 0, y.abs(), y)
     candidate = acc + y
     forced = ~has_prev | (step < warmup) | ((num_steps > 0) & (step >= num_steps - cooldown)) | (thresh == 0)
     forced = forced | (consecutive >= config[S.MAX_CONSECUTIVE])
