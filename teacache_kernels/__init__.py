@@ -12,6 +12,7 @@ are registered when TeaCache is first enabled (or `teacache_kernels.ops` is impo
 """
 
 from .api import disable_teacache, enable_teacache, reset_teacache, summary
+from .models import ModelFamily, register_model
 from .coefficients import PUBLISHED as PUBLISHED_COEFFICIENTS
 from .config import TeaCacheConfig
 
@@ -19,6 +20,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TeaCacheConfig",
+    "ModelFamily",
+    "register_model",
     "enable_teacache",
     "disable_teacache",
     "reset_teacache",

@@ -41,3 +41,19 @@ def cached_class(cls: type) -> type:
     if cls not in _cached_classes:
         _cached_classes[cls] = type(f"Cached{cls.__name__}", (CachedBlockList, cls), {})
     return _cached_classes[cls]
+
+
+class PassThrough(nn.Module):
+    """A module whose work the cached span took over (a family's `tail`): its call returns its input."""
+
+    def forward(self, x, *args, **kwargs):
+        return x
+
+
+_pass_through_classes: dict[type, type] = {}
+
+
+def pass_through_class(cls: type) -> type:
+    if cls not in _pass_through_classes:
+        _pass_through_classes[cls] = type(f"PassThrough{cls.__name__}", (PassThrough, cls), {})
+    return _pass_through_classes[cls]

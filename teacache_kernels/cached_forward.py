@@ -66,7 +66,7 @@ def _prepare_while_tracing(ctx) -> None:
         tuple(tuple(_concrete(d) for d in s.shape) for s in streams), tuple(s.dtype for s in streams),
         signal.device,
     )  # fmt: skip
-    cache.prepare(layout)
+    cache.prepare(layout, ctx.get_local("state_key").as_python_constant())
 
 
 class FusedCache:
@@ -95,9 +95,9 @@ class FusedCache:
         new._register()  # its own key: a compiled copy must find its own state
         return new
 
-    def prepare(self, layout: tuple) -> None:
+    def prepare(self, layout: tuple, state_key: str | None = None) -> None:
         """Allocate the active context's buffers for `layout` (`state.layout_of`) unless they already fit it."""
-        st = self._active
+        st = self._active.state_for(state_key)
         if st.layout != layout:  # first call, or a new shape/dtype/device: fresh state
             st.allocate_layout(layout, self.config)
 
@@ -120,14 +120,17 @@ class FusedCache:
         self._active = self.contexts[name]
         return previous
 
+    def _states(self) -> list[S.ContextState]:
+        return [st for context in self.contexts.values() for st in context.all_states()]
+
     def set_config(self, config: ResolvedConfig) -> None:
         self.config = config
         self.signal = config.signal
-        for st in self.contexts.values():
+        for st in self._states():
             st.write_config(config)
 
     def reset(self) -> None:
-        for st in self.contexts.values():
+        for st in self._states():
             st.reset()
 
     def run(
@@ -136,14 +139,19 @@ class FusedCache:
         streams: Sequence[torch.Tensor],
         full: Callable[..., tuple[torch.Tensor, ...]],
         operands: Sequence[torch.Tensor],
+        state_key: str | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        """The span's outputs for `streams` (its inputs): `full(*operands)`, or each `stream + residual` when reused."""
+        """The span's outputs for `streams` (its inputs): `full(*operands)`, or each `stream + residual` when reused.
+
+        `state_key` (a string, constant under compile) selects a sub-state of the active context: families
+        whose original keeps state by something other than the CFG context (Lumina2: the sequence length).
+        """
         streams, key = tuple(streams), self.key  # noqa: F841 (key: read by _prepare_while_tracing)
         if torch.compiler.is_compiling():
             comptime(_prepare_while_tracing)
         else:
-            self.prepare(S.layout_of(signal, streams))
-        st = self._active
+            self.prepare(S.layout_of(signal, streams), state_key)
+        st = self._active if state_key is None else self._active.keyed[state_key]
         reuse = decide(signal, st.prev_signal, st.scalars, st.config, st.log, st.partials, st.ticket)
         if torch.is_grad_enabled():
             return self._run_differentiable(reuse, streams, st.residuals, full, operands)
@@ -175,7 +183,8 @@ class FusedCache:
     def history(self) -> dict[str, tuple[list[StepRecord], int, int]]:
         """Per context: the current (or last finished) generation's steps, lifetime calls, lifetime reuses."""
         out = {}
-        for name, st in self.contexts.items():
+        for st in self._states():
+            name = st.name
             if not st.allocated:
                 continue
             scalars = st.scalars.tolist()  # host-ok: summaries are read off the per-step path

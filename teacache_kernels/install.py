@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .block_list import YIELDS, CachedBlockList, cached_class
+from .block_list import YIELDS, CachedBlockList, cached_class, pass_through_class
 from .models import ModelFamily
 
 # torch 2.13's torch.cond takes no symbolic float among its operands, and with dynamic=True Dynamo turns
@@ -64,6 +64,7 @@ class Installation:
     on_context_entry: Any = None  # called (host side) whenever cache_context is entered
     base_cache_context: Any = None  # what `transformer.cache_context` was before enabling
     shadowed: dict[str, Any] = field(default_factory=dict)  # instance attributes we shadowed -> their value
+    tail_class: type | None = None  # the class of the family's tail module before it was made pass-through
 
     @property
     def block_lists(self) -> dict[str, nn.ModuleList]:
@@ -126,8 +127,12 @@ def install(transformer: nn.Module, family: ModelFamily, cache) -> Installation:
             raise ValueError(f"{type(transformer).__name__}.{name} should be the model's nn.ModuleList of blocks, got {blocks!r:.80}")
         if isinstance(blocks, CachedBlockList):
             raise RuntimeError(f"{type(transformer).__name__}.{name} is already cached by another installation")
-    span = family.span_class(*lists.values(), family=family, cache=cache)
+    tail = getattr(transformer, family.tail[0]) if family.tail is not None else None
+    span = family.span_class(*lists.values(), family=family, cache=cache, tail=tail)
     inst = Installation(transformer, family, cache, span, {name: type(blocks) for name, blocks in lists.items()})
+    if tail is not None:
+        inst.tail_class = type(tail)
+        tail.__class__ = pass_through_class(type(tail))
 
     for i, blocks in enumerate(lists.values()):
         blocks.__class__ = cached_class(type(blocks))
@@ -159,6 +164,8 @@ def uninstall(inst: Installation) -> None:
     for name, blocks in inst.block_lists.items():
         del blocks.__dict__[YIELDS]
         blocks.__class__ = inst.list_classes[name]
+    if inst.tail_class is not None:
+        getattr(t, inst.family.tail[0]).__class__ = inst.tail_class
     t._forward_pre_hooks.pop(inst.pre_hook_id, None)
     t._forward_pre_hooks_with_kwargs.pop(inst.pre_hook_id, None)
     for name in ("cache_context", "enable_cache"):

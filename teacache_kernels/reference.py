@@ -161,9 +161,16 @@ class ReferenceCache:
         streams: Sequence[torch.Tensor],
         full: Callable[..., tuple[torch.Tensor, ...]],
         operands: Sequence[torch.Tensor],
+        state_key: str | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        """The span's outputs for `streams` (its inputs): each `stream + residual` if reused, else `full(*operands)`."""
-        name, streams = self.active, tuple(streams)
+        """The span's outputs for `streams` (its inputs): each `stream + residual` if reused, else `full(*operands)`.
+
+        `state_key`: the state is kept per (CFG context, key), as FusedCache does (Lumina2 keys by sequence length).
+        """
+        streams = tuple(streams)
+        name = self.active if state_key is None else (state_key if self.active == "default" else f"{self.active}/{state_key}")
+        if name not in self.contexts:
+            self.contexts[name] = TeaCacheOracle(self.config)
         layout = (signal.shape, signal.dtype, [(s.shape, s.dtype) for s in streams], sequence_length(streams[0]))
         if self._layouts.get(name) != layout:  # first call, new shape or dtype: start over, as FusedCache does
             if name in self._layouts:

@@ -107,6 +107,20 @@ class ContextState:
         self.partials: torch.Tensor | None = None  # float32 [2 * MAX_PROGRAMS], the reduction's workspace
         self.ticket: torch.Tensor | None = None  # int32 [1], counts finished programs; reset by the last
         self.seq_len: int | None = None  # the first stream's tokens: picks a calibrated config's set (if any)
+        # States of this context keyed by a family's `state_key` (Lumina2: the joint sequence length, as its
+        # original keys them), each a full ContextState of its own.
+        self.keyed: dict[str, ContextState] = {}
+
+    def state_for(self, key: str | None) -> "ContextState":
+        """This state (key None) or its sub-state for `key`, created empty on first use."""
+        if key is None:
+            return self
+        if key not in self.keyed:
+            self.keyed[key] = ContextState(key if self.name == "default" else f"{self.name}/{key}")
+        return self.keyed[key]
+
+    def all_states(self) -> list["ContextState"]:
+        return [self, *self.keyed.values()]
 
     @property
     def residual(self) -> torch.Tensor | None:

@@ -4,21 +4,42 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ModelFamily
+from .base import BlockSpan, ModelFamily
+from .cogvideox import COGVIDEOX
 from .flux import FLUX
+from .lumina2 import LUMINA2
+from .mochi import MOCHI
+from .qwen_image import QWEN_IMAGE
 
-FAMILIES: dict[str, ModelFamily] = {cls: fam for fam in (FLUX,) for cls in fam.class_names}
+BUILT_IN = (FLUX, QWEN_IMAGE, LUMINA2, COGVIDEOX, MOCHI)
+FAMILIES: dict[str, ModelFamily] = {cls: fam for fam in BUILT_IN for cls in fam.class_names}
+
+
+def register_model(family: ModelFamily, *, replace: bool = False) -> ModelFamily:
+    """Make `enable_teacache` serve the classes `family.class_names` (docs/adding_a_model.md). Returns `family`.
+
+    A class already served by another family is an error unless `replace=True`.
+    """
+    if not isinstance(family, ModelFamily):
+        raise TypeError(f"register_model takes a teacache_kernels.ModelFamily, got {type(family).__name__}")
+    taken = {c: FAMILIES[c].name for c in family.class_names if c in FAMILIES and FAMILIES[c] is not family}
+    if taken and not replace:
+        raise ValueError(f"{taken} already registered (class -> family); pass replace=True to override")
+    for cls in family.class_names:
+        FAMILIES[cls] = family
+    return family
 
 
 def family_for(transformer: nn.Module) -> ModelFamily:
-    """The family of `transformer`'s class (or of the nearest supported base class)."""
+    """The family of `transformer`'s class (or of the nearest registered base class)."""
     for cls in type(transformer).__mro__:
         if cls.__name__ in FAMILIES:
             return FAMILIES[cls.__name__]
     raise NotImplementedError(
         f"TeaCache is not supported for {type(transformer).__name__} yet; supported classes: "
-        f"{', '.join(sorted(FAMILIES))}"
+        f"{', '.join(sorted(FAMILIES))}. To add it, register its block lists and signal with "
+        "teacache_kernels.register_model(ModelFamily(...)): see docs/adding_a_model.md"
     )
 
 
-__all__ = ["FAMILIES", "ModelFamily", "family_for"]
+__all__ = ["BUILT_IN", "FAMILIES", "BlockSpan", "ModelFamily", "family_for", "register_model"]

@@ -50,6 +50,13 @@ class ModelFamily:
         `fn(transformer, pipeline or None) -> name`. None: users give `coefficients` or `coefficients_file`.
     unsupported_input: `fn(args, kwargs)` of a transformer call -> the name of an input the span cannot
         honour (ControlNet residuals added between blocks...), or None. Checked before each call.
+    state_key: `fn(call) -> str` when the original keeps its state by something other than the CFG context
+        (Lumina2: the joint sequence length, since its pipeline sets no context): each key of each context
+        gets a state of its own. None: per context.
+    tail: `(attribute, argument names)` of a module the transformer applies to the first cached stream right
+        after its blocks, when the original takes its residual after it (Mochi: `("norm_out", ("temb",))`).
+        The span then runs it last, with those arguments from the block call, and while TeaCache is on the
+        transformer's own call of it passes the stream through.
     """
 
     name: str
@@ -61,6 +68,8 @@ class ModelFamily:
     cached: tuple[str, ...] | None = None
     default_coefficients: str | Callable[[nn.Module, Any], str] | None = None
     unsupported_input: Callable[[tuple, dict], str | None] = _no_unsupported_input
+    state_key: Callable[[dict], str] | None = None
+    tail: tuple[str, tuple[str, ...]] | None = None
     span_class: type[nn.Module] = field(default=None)  # type: ignore[assignment]  # BlockSpan unless given
 
     def __post_init__(self) -> None:
@@ -103,11 +112,13 @@ class BlockSpan(nn.Module):
     yields it when iterated. `cache` is a FusedCache or a ReferenceCache.
     """
 
-    def __init__(self, *block_lists: nn.ModuleList, family: ModelFamily, cache):
+    def __init__(self, *block_lists: nn.ModuleList, family: ModelFamily, cache, tail: nn.Module | None = None):
         super().__init__()
         self.block_lists = nn.ModuleList(block_lists)  # the span's own view; never part of the transformer
         self.family = family
         self.cache = cache
+        self.tail = tail  # the module of family.tail, or None
+        self.tail_forward = type(tail).forward if tail is not None else None  # before install makes it pass-through
         self.first_block = block_lists[0][0]
         # Read once here, on the host: a block's parameter names map positional arguments (gradient
         # checkpointing calls blocks positionally) onto names.
@@ -134,8 +145,12 @@ class BlockSpan(nn.Module):
                     if len(family.returns) == 1:
                         out = (out,)
                     state.update(zip(family.returns, out))
+            if self.tail is not None:
+                first = family.cached[0]
+                state[first] = self.tail_forward(self.tail, state[first], *(call[a] for a in family.tail[1]))
             return tuple(state[s] for s in family.cached)
 
-        cached_out = dict(zip(family.cached, self.cache.run(signal, streams_in, full, streams_in)))
+        key = family.state_key(call) if family.state_key is not None else None
+        cached_out = dict(zip(family.cached, self.cache.run(signal, streams_in, full, streams_in, key)))
         out = tuple(cached_out.get(name, call[name]) for name in family.returns)
         return out[0] if len(out) == 1 else out
