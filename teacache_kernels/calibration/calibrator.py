@@ -20,7 +20,7 @@ def calibrate(
     run: Callable[[Any], Any],
     samples: Iterable[Any],
     *,
-    signals: Sequence[str] = DEFAULT_SIGNALS,
+    signals: Sequence[str] | None = None,
     target: str = "output",
     degree: int = 4,
     model_name: str | None = None,
@@ -28,12 +28,14 @@ def calibrate(
 ) -> CalibrationResult:
     """Fit y = poly(x) per candidate signal from the generations `run(sample)` makes, ranked by R^2.
 
-    transformer: the uncached diffusers transformer `run` calls (a pipeline's `.transformer`); refused if
-        TeaCache or a diffusers cache is enabled on it.
+    transformer: the uncached transformer `run` calls (a pipeline's `.transformer`, or any model whose class
+        is registered: docs/adding_a_model.md); refused if TeaCache or a diffusers cache is enabled on it.
     run(sample): one full generation for one calibration input, calling the transformer at every step
         (in `cache_context("cond"/"uncond")` for CFG, as pipelines do); its return value is not used.
-    signals: built-in names ("modulated_input": what TeaCache compares at run time, "timestep_embedding",
-        "hidden_states") and/or submodule paths (their output; reported, not selectable at run time).
+    signals: built-in names of the family ("modulated_input": what TeaCache compares at run time,
+        "timestep_embedding", "hidden_states": the span's input; a registered family offers its own signal
+        names and "hidden_states") and/or submodule paths (their output; reported, not selectable at run
+        time). None: all of the family's built-in signals.
     target: "output" (the transformer's output) or "residual" (block span output minus input).
     For consecutive calls of one generation and CFG context, x = rel_l1 of a signal, y = rel_l1 of the
     target (mean|a - b| / mean|b|, float64, as `reference.rel_l1`).
@@ -42,16 +44,19 @@ def calibrate(
     degree = check_degree(degree)
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    signals = (signals,) if isinstance(signals, str) else tuple(signals)
     samples = list(samples)
     if not samples:
         raise ValueError("calibration needs at least one sample")
     family = probes_for(t)
+    if signals is None:
+        signals = tuple(family.signals) if family is not None else DEFAULT_SIGNALS
+    signals = (signals,) if isinstance(signals, str) else tuple(signals)
     runtime = family.runtime_signals if family is not None else RUNTIME_SIGNALS
     if family is None and any(s in DEFAULT_SIGNALS for s in signals):
         raise ValueError(
-            f"{type(t).__name__} has no built-in signal probes (teacache_kernels.calibration.probes.PROBES): name "
-            "its submodules as signals, e.g. signals=['transformer_blocks.0.norm1']"
+            f"{type(t).__name__} is not a registered model, so it has no built-in signals: register its "
+            "ModelFamily (teacache_kernels.register_model, docs/adding_a_model.md), or name submodules as signals, "
+            "e.g. signals=['blocks.0.norm1']"
         )
 
     recorder = Recorder(t, signals, target)

@@ -41,7 +41,7 @@ def run_calibrate(args) -> int:
         setup.transformer,
         setup.run,
         setup.samples,
-        signals=args.signal or DEFAULT_SIGNALS,
+        signals=args.signal,
         target=args.target,
         degree=args.degree,
         model_name=setup.model_name,
@@ -123,8 +123,8 @@ def add_parsers(sub) -> None:
         "--signal",
         action="append",
         metavar="NAME",
-        help=f"candidate signal, repeatable: a built-in ({', '.join(DEFAULT_SIGNALS)}, the default set) "
-        "or a submodule path",
+        help=f"candidate signal, repeatable: a built-in of the model's family ({', '.join(DEFAULT_SIGNALS)}...; "
+        "default: all of them) or a submodule path",
     )
     cal.add_argument(
         "--runtime-signal",

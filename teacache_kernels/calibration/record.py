@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models.base import parameter_names
 from ..reference import rel_l1
+from ..state import sequence_length
 from .probes import Probe, first_tensor, probes_for, resolve_signal
 
 DEFAULT_CONTEXT = "default"  # calls made outside any cache_context
@@ -81,7 +83,7 @@ class Recording:
     sample: list[int] = field(default_factory=list)
     context: list[str] = field(default_factory=list)
     calls: dict[tuple[int, str], int] = field(default_factory=dict)  # (sample, context) -> calls (steps)
-    seq_lens: set[int] = field(default_factory=set)  # hidden_states.shape[1] of the calls (image tokens)
+    seq_lens: set[int] = field(default_factory=set)  # tokens of the span's input stream (`state.sequence_length`)
 
     def __post_init__(self) -> None:
         for s in self.signals:
@@ -112,9 +114,13 @@ class Recording:
         return max(set(counts), key=counts.count) if counts else 0
 
 
-def _tensor_at(probe: Probe, args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
+def _tensor_at(probe: Probe, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
     if probe.where == "output":
         return first_tensor(output, probe.index)
+    if probe.fn is not None:
+        call = dict(zip(parameter_names(module), args))
+        call.update(kwargs)
+        return first_tensor(probe.fn(module, call))
     if args:
         return first_tensor(args[0] if probe.index is None else args[probe.index])
     return first_tensor(tuple(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
@@ -123,6 +129,34 @@ def _tensor_at(probe: Probe, args: tuple, kwargs: dict, output: Any) -> torch.Te
 def _call_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
     h = kwargs.get("hidden_states", args[0] if args else None)
     return h if isinstance(h, torch.Tensor) else None
+
+
+def _hook(transformer: nn.Module, probe: Probe, fn):
+    """Register `fn(module, args, kwargs, output=None)` where `probe` reads; returns the handle."""
+    sub = transformer.get_submodule(probe.module)
+    if probe.where == "output":
+        return sub.register_forward_hook(fn, with_kwargs=True)
+    return sub.register_forward_pre_hook(fn, with_kwargs=True)
+
+
+def track_sequence_lengths(transformer: nn.Module, seq_lens: set[int]):
+    """Add to `seq_lens` the length of every call, as the runtime keys calibrated sets: the tokens of the span's
+    input stream (`state.sequence_length`); for a class with no known family, the call's hidden_states.shape[1].
+    Returns the hook's handle."""
+    family = probes_for(transformer)
+    if family is None:
+
+        def from_call(module, args, kwargs):
+            h = _call_input(args, kwargs)
+            if h is not None and h.dim() >= 2:
+                seq_lens.add(int(h.shape[1]))
+
+        return transformer.register_forward_pre_hook(from_call, with_kwargs=True)
+
+    def from_span(module, args, kwargs, output=None):
+        seq_lens.add(sequence_length(_tensor_at(family.span_input, module, args, kwargs, output)))
+
+    return _hook(transformer, family.span_input, from_span)
 
 
 class Recorder:
@@ -142,10 +176,12 @@ class Recorder:
         family = probes_for(transformer)
         if target == "residual" and family is None:
             raise ValueError(
-                f"target 'residual' needs the span probes of the model family; {type(transformer).__name__} has "
-                "none (add it to teacache_kernels.calibration.probes.PROBES), use target='output'"
+                f"target 'residual' needs the span of the model family; {type(transformer).__name__} has none "
+                "(register its ModelFamily: docs/adding_a_model.md), or use target='output'"
             )
-        self.span = (family.span_input, family.span_output) if target == "residual" else None
+        self.taps = dict(self.probes)  # what each call reads
+        if target == "residual":
+            self.taps["span_input"], self.taps["span_output"] = family.span_input, family.span_output
         self.recording = Recording(tuple(signals), target)
         self.tracker = ContextTracker(transformer)
         self.sample = 0
@@ -156,14 +192,11 @@ class Recorder:
     # --- hooks -------------------------------------------------------------------------------------------
     def _on_call_start(self, module, args, kwargs):
         self._call = {}
-        h = _call_input(args, kwargs)
-        if h is not None and h.dim() >= 2:
-            self.recording.seq_lens.add(int(h.shape[1]))
 
     def _capture(self, key: str, probe: Probe):
         def hook(module, args, kwargs, output=None):
             if self._call is not None and key not in self._call:  # the first call of the module per forward
-                self._call[key] = _tensor_at(probe, args, kwargs, output).detach()
+                self._call[key] = _tensor_at(probe, module, args, kwargs, output).detach()
 
         return hook
 
@@ -171,17 +204,16 @@ class Recorder:
         call, self._call = self._call, None
         if call is None:
             return
-        if self.span is not None:
-            span_in, span_out = call.pop("span_input"), call.pop("span_output")
-            target = span_out.double() - span_in.double()
-        else:
-            target = first_tensor(output).detach()
-        missing = [s for s in self.probes if s not in call]
+        missing = [s for s in self.taps if s not in call]
         if missing:
             raise RuntimeError(
                 f"signal(s) {missing} were not computed during a {type(module).__name__} call "
-                f"(modules {[self.probes[s].module for s in missing]} never ran)"
+                f"(modules {[self.taps[s].module for s in missing]} never ran)"
             )
+        if "span_output" in call:
+            target = call.pop("span_output").double() - call.pop("span_input").double()
+        else:
+            target = first_tensor(output).detach()
         rec = self.recording
         key = (self.sample, self.tracker.current)
         step = rec.calls.get(key, 0)
@@ -210,16 +242,9 @@ class Recorder:
         try:
             self.tracker.__enter__()
             self._handles.append(t.register_forward_pre_hook(self._on_call_start, with_kwargs=True))
-            taps = dict(self.probes)
-            if self.span is not None:
-                taps["span_input"], taps["span_output"] = self.span
-            for key, probe in taps.items():
-                sub = t.get_submodule(probe.module)
-                hook = self._capture(key, probe)
-                if probe.where == "output":
-                    self._handles.append(sub.register_forward_hook(hook, with_kwargs=True))
-                else:
-                    self._handles.append(sub.register_forward_pre_hook(hook, with_kwargs=True))
+            self._handles.append(track_sequence_lengths(t, self.recording.seq_lens))
+            for key, probe in self.taps.items():
+                self._handles.append(_hook(t, probe, self._capture(key, probe)))
             self._handles.append(t.register_forward_hook(self._on_call_end, with_kwargs=True))
         except BaseException:
             self.__exit__(None, None, None)

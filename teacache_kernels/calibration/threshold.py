@@ -23,7 +23,7 @@ import torch
 
 from .coefficients_file import load_coefficients_file, update_entry
 from .progress import Progress
-from .record import ContextTracker, uncached_transformer
+from .record import ContextTracker, track_sequence_lengths, uncached_transformer
 
 DEFAULT_GRID = tuple(float(v) for v in np.geomspace(0.02, 2.0, 12))
 DEFAULT_REFINE = 3
@@ -376,13 +376,10 @@ def _references(t, run, samples):
     def count(module, args, kwargs):
         key = (current[0], tracker.current)
         counts[key] = counts.get(key, 0) + 1
-        h = kwargs.get("hidden_states", args[0] if args else None)
-        if isinstance(h, torch.Tensor) and h.dim() >= 2:
-            seq_lens.add(int(h.shape[1]))
 
     outputs, raw, wall = [], [], []
     with tracker, torch.no_grad():
-        handle = t.register_forward_pre_hook(count, with_kwargs=True)
+        handles = [t.register_forward_pre_hook(count, with_kwargs=True), track_sequence_lengths(t, seq_lens)]
         try:
             current[0] = -1
             run(samples[0])  # warm-up, untimed: first calls allocate and initialise
@@ -394,7 +391,8 @@ def _references(t, run, samples):
                 raw.append(out)
                 outputs.append(as_tensor(out))
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
     per_sample = [n for (i, _), n in counts.items() if i >= 0]
     if not per_sample:
         raise RuntimeError("run(sample) never called the transformer given to find_threshold")
