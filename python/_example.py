@@ -32,11 +32,13 @@ def parser(doc: str, *, model: str | None, steps: int, prompt: str, out: str, mo
     """The arguments every example takes; scripts add their own (sizes, guidance, images...)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny random-weight pipeline on the CPU (smoke test)")
-    p.add_argument("--model", default=model, help=model_help or f"Hugging Face id or local directory (default: {model})")
+    p.add_argument("--model", default=model, help=model_help or f"Hugging Face id or local folder (default: {model})")
     p.add_argument("--prompt", default=prompt)
     p.add_argument("--steps", type=int, default=None, help=f"default: {steps} ({TINY_STEPS} with --tiny)")
     p.add_argument("--thresh", type=float, default=None, help="rel_l1_thresh (default: the coefficient set's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--coefficients", default=None, metavar="SET",
+                   help="a published coefficient set by name (default: the family's choice for the model)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="generator seed (with --tiny: the random weights' seed)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the transformer (default: on, off with --tiny)")  # fmt: skip
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
@@ -145,7 +147,8 @@ def save(pixels: np.ndarray, out: Path, stem: str, *, video: bool, fps: int) -> 
     except (ImportError, AttributeError, RuntimeError, OSError, ValueError) as e:  # no video backend
         path = out / f"{stem}_frames.png"
         Image.fromarray(np.concatenate(list(pixels), axis=1)).save(path)
-        print(f"no video export ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); frames side by side in {path.name}")
+        print(f"no video backend for export_to_video ({type(e).__name__}; it needs imageio with imageio-ffmpeg, or "
+              f"opencv-python): frames side by side in {path.name}")  # fmt: skip
         return path.name
 
 
@@ -155,7 +158,7 @@ def run(ex: Example, args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     record = {"model": ex.name, "pipeline": type(ex.pipe).__name__, "steps": args.steps, "compile": args.compile,
               "fullgraph": ex.fullgraph if args.compile else None, "warmup_steps": args.warmup_steps,
-              "thresh_given": args.thresh, **ex.record}  # fmt: skip
+              "thresh_given": args.thresh, "coefficients_given": args.coefficients, **ex.record}  # fmt: skip
 
     baseline = None
     if args.compare:
@@ -167,7 +170,8 @@ def run(ex: Example, args) -> int:
         record["uncached_output"] = save(baseline_pixels, out, "uncached", video=ex.video, fps=ex.fps)
         uncompile_transformer(ex.pipe)  # enable on the plain model, then compile again
 
-    tk.enable_teacache(ex.pipe, rel_l1_thresh=args.thresh)
+    coefficients = {"coefficients": args.coefficients} if args.coefficients else {}
+    tk.enable_teacache(ex.pipe, rel_l1_thresh=args.thresh, **coefficients)
     if args.compile:
         compile_transformer(ex.pipe, fullgraph=ex.fullgraph)
     warm_up(ex, args)

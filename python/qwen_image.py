@@ -4,7 +4,8 @@ On a GPU, with the checkpoint available (Hugging Face cache or a local directory
     python python/qwen_image.py --prompt "a coffee shop sign that says Qwen" --steps 50 --compare
     python python/qwen_image.py --edit photo.png --prompt "make the sky purple" --compare   # Qwen-Image-Edit
 Anywhere, as a smoke test (a tiny random-weight QwenImagePipeline on the CPU; the images are noise):
-    python python/qwen_image.py --tiny            (add --edit IMAGE for the tiny QwenImageEditPipeline)
+    python python/qwen_image.py --tiny            (add --edit IMAGE for the tiny QwenImageEditPipeline; its
+                                                   condition image is shrunk to ~32x32 there, not ~1 MP)
 
 QwenImagePipeline (Qwen/Qwen-Image) or, with --edit, QwenImageEditPipeline (Qwen/Qwen-Image-Edit), in bf16.
 TeaCache keeps one state per CFG context ("cond", "uncond": CFG needs a negative prompt and true_cfg_scale > 1;
@@ -46,6 +47,23 @@ def decode_tiny(pipe, latents) -> np.ndarray:
     return ex.to_uint8(pipe.image_processor.postprocess(image, output_type="pil")[0])
 
 
+def shrink_edit_condition_image(area: int = 32 * 32) -> None:
+    """--tiny --edit: resize the condition image to ~`area` pixels instead of diffusers' ~1 MP.
+
+    QwenImageEditPipeline resizes its input image to about 1024x1024 whatever the output size; on the tiny model
+    that is 16k image tokens more per call (minutes on the CPU). Patched in this process only, for --tiny.
+    """
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
+
+    original = edit.calculate_dimensions
+
+    def small(target_area, ratio):
+        width, height, rest = original(area, ratio)
+        return max(width, 32), max(height, 32), rest
+
+    edit.calculate_dimensions = small
+
+
 def load(args) -> ex.Example:
     from diffusers import QwenImageEditPipeline, QwenImagePipeline
     from diffusers.utils import load_image
@@ -57,6 +75,8 @@ def load(args) -> ex.Example:
 
         fam = TINY["qwen-image"]
         pipe = qwen_image_pipeline(args.seed, pipeline_class=cls)
+        if args.edit:
+            shrink_edit_condition_image()
         return ex.Example(f"tiny random {cls.__name__}", pipe, lambda steps, seed: fam.generate(pipe, steps, **extra),
                           pixels=lambda latents: decode_tiny(pipe, latents), latents=lambda latents: latents)  # fmt: skip
 
@@ -70,14 +90,15 @@ def load(args) -> ex.Example:
     def generate(steps, seed):
         return pipe(**inputs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed)).images[0]
 
-    return ex.Example(model, pipe, generate, pixels=ex.to_uint8, record=dict(true_cfg_scale=args.cfg, size=size))
+    record = dict(true_cfg_scale=args.cfg, size=size, edit=args.edit)
+    return ex.Example(model, pipe, generate, pixels=ex.to_uint8, record=record)
 
 
 def main(argv=None) -> int:
     p = ex.parser(__doc__, model=None, model_help=f"Hugging Face id or local directory (default: {MODEL}; {EDIT_MODEL} "
                   "with --edit)", steps=50, prompt="A coffee shop entrance with a chalkboard sign reading "
                   "'Qwen Coffee $2 per cup', a neon light beside it displaying 'TeaCache'", out="qwen_image_out")  # fmt: skip
-    p.add_argument("--edit", metavar="IMAGE", help=f"edit this image (QwenImageEditPipeline, default model {EDIT_MODEL})")
+    p.add_argument("--edit", metavar="IMAGE", help=f"edit this image (QwenImageEditPipeline; model {EDIT_MODEL})")
     p.add_argument("--negative-prompt", default=" ", help="CFG needs one (default: ' ', as Qwen's examples)")
     p.add_argument("--cfg", type=float, default=4.0, help="true_cfg_scale (default 4.0)")
     p.add_argument("--size", type=int, default=None, help="height = width (default 1328; Edit: from the input image)")

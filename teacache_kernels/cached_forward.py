@@ -1,9 +1,10 @@
 """The generic cached forward: signal -> fused decision -> torch.cond(reuse, full) -> fused residual op.
 
-A model family (see `models/`) wraps its transformer's block lists in one span module whose forward
-computes the signal and calls `FusedCache.run`. The decision is made on the device: `ops.decide`
-produces a 0-d bool tensor, `torch.cond` branches on it without a graph break, and
-`ops.apply_residual_` reads the same flag on the device to store or apply the residual. (Inductor lowers
+The span (`models.base.BlockSpan`, which the transformer's first block list yields while TeaCache is on)
+computes the signal and calls `FusedCache.run` with the streams that carry a residual. The decision is
+made on the device: `ops.decide` produces a 0-d bool tensor, `torch.cond` branches on it without a graph
+break, and `ops.apply_residual_` reads the same flag on the device to store or apply each stream's
+residual: one decision launch plus one residual pass per cached stream. (Inductor lowers
 the `torch.cond` itself to a host `if` on the flag: torch 2.13's one remaining read per step, which the
 CUDA-graph path is to remove.)
 
@@ -67,6 +68,10 @@ def _prepare_while_tracing(ctx) -> None:
         signal.device,
     )  # fmt: skip
     cache.prepare(layout, ctx.get_local("state_key").as_python_constant())
+    # torch.cond refuses operands that alias each other (CogVideoX's two streams are views of one tensor):
+    # run() reads this, as a constant of the trace, and then hands the branches copies of the later streams.
+    storages = [s.untyped_storage()._cdata for s in streams]
+    cache.streams_alias = len(set(storages)) < len(storages)
 
 
 class FusedCache:
@@ -82,6 +87,7 @@ class FusedCache:
         self.contexts: dict[str, S.ContextState] = {}
         self._active: S.ContextState = S.ContextState("default")
         self.contexts["default"] = self._active
+        self.streams_alias = False  # set while tracing: do the streams of the traced call share storage?
         self._register()
 
     def _register(self) -> None:
@@ -138,10 +144,11 @@ class FusedCache:
         signal: torch.Tensor,
         streams: Sequence[torch.Tensor],
         full: Callable[..., tuple[torch.Tensor, ...]],
-        operands: Sequence[torch.Tensor],
         state_key: str | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        """The span's outputs for `streams` (its inputs): `full(*operands)`, or each `stream + residual` when reused.
+        """The span's outputs for `streams` (its inputs): `full(*streams)`, or each `stream + residual` when reused.
+
+        `full` must read the streams only through its arguments (torch.cond's operands), not a closure.
 
         `state_key` (a string, constant under compile) selects a sub-state of the active context: families
         whose original keeps state by something other than the CFG context (Lumina2: the sequence length).
@@ -154,28 +161,32 @@ class FusedCache:
         st = self._active if state_key is None else self._active.keyed[state_key]
         reuse = decide(signal, st.prev_signal, st.scalars, st.config, st.log, st.partials, st.ticket)
         if torch.is_grad_enabled():
-            return self._run_differentiable(reuse, streams, st.residuals, full, operands)
+            return self._run_differentiable(reuse, streams, st.residuals, full)
         if torch.compiler.is_compiling() or self.eager_branch == "cond":
-            reused = lambda *_: tuple(torch.empty_like(s) for s in streams)  # noqa: E731 (apply_residual_ fills them)
-            outs = torch.cond(reuse, reused, _fresh_outputs(full), tuple(operands))
+            operands = streams
+            if self.streams_alias:  # one copy of each later stream (the text stream: small) per call
+                operands = (streams[0], *(o.clone() for o in streams[1:]))
+            reused = lambda *ops: tuple(torch.empty_like(o) for o in ops)  # noqa: E731 (apply_residual_ fills them)
+            outs = torch.cond(reuse, reused, _fresh_outputs(full), operands)
         elif reuse.item():  # host-ok: eager has to know on the host whether to launch the blocks
             outs = tuple(torch.empty_like(s) for s in streams)
         else:
-            outs = tuple(out.contiguous() for out in full(*operands))
+            outs = tuple(out.contiguous() for out in full(*streams))
         for stream, out, residual in zip(streams, outs, st.residuals):
             apply_residual_(reuse, stream, out, residual)
         return outs
 
     @staticmethod
-    def _run_differentiable(reuse, streams, residuals, full, operands) -> tuple[torch.Tensor, ...]:
+    def _run_differentiable(reuse, streams, residuals, full) -> tuple[torch.Tensor, ...]:
         """With autograd on: reused outputs are `stream + residual` (the gradient flows to the stream), computed
         outputs are the blocks' own, and the residual is stored detached. The decision is the same op."""
         if torch.compiler.is_compiling():
-            outs = torch.cond(reuse, lambda *_: tuple(s + r for s, r in zip(streams, residuals)), _fresh_outputs(full), tuple(operands))
+            reused = lambda *ops: tuple(o + r for o, r in zip(ops, residuals))  # noqa: E731
+            outs = torch.cond(reuse, reused, _fresh_outputs(full), streams)
         elif reuse.item():  # host-ok: as above
             outs = tuple(s + r for s, r in zip(streams, residuals))
         else:
-            outs = tuple(full(*operands))
+            outs = tuple(full(*streams))
         with torch.no_grad():
             for stream, out, residual in zip(streams, outs, residuals):
                 residual.copy_(torch.where(reuse, residual, out - stream))

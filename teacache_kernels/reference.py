@@ -160,10 +160,9 @@ class ReferenceCache:
         signal: torch.Tensor,
         streams: Sequence[torch.Tensor],
         full: Callable[..., tuple[torch.Tensor, ...]],
-        operands: Sequence[torch.Tensor],
         state_key: str | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        """The span's outputs for `streams` (its inputs): each `stream + residual` if reused, else `full(*operands)`.
+        """The span's outputs for `streams` (its inputs): each `stream + residual` if reused, else `full(*streams)`.
 
         `state_key`: the state is kept per (CFG context, key), as FusedCache does (Lumina2 keys by sequence length).
         """
@@ -179,7 +178,7 @@ class ReferenceCache:
         self._layouts[name] = layout
         if self.contexts[name].decide(signal):
             return tuple(s + r for s, r in zip(streams, self.residuals[name]))
-        outs = tuple(full(*operands))
+        outs = tuple(full(*streams))
         self.residuals[name] = tuple((out - s).detach() for out, s in zip(outs, streams))
         return outs
 

@@ -55,7 +55,7 @@ def qwen_image_pipeline(seed: int = 0, pipeline_class=None):
 
 
 def qwen_image_generate(pipe, steps: int, cfg: bool = True, **kw):
-    prompt = dict(prompt_embeds=_randn(1, 7, 16, seed=2), prompt_embeds_mask=_mask(7, 5))
+    prompt = dict(prompt_embeds=_randn(1, 7, 16, seed=2), prompt_embeds_mask=_mask(7, 5), true_cfg_scale=1.0)
     if cfg:
         prompt.update(negative_prompt_embeds=_randn(1, 5, 16, seed=3), negative_prompt_embeds_mask=_mask(5, 5),
                       true_cfg_scale=4.0)  # fmt: skip

@@ -15,6 +15,8 @@ own forward iterating `self.blocks`. Registering a `ModelFamily` is all TeaCache
 import contextlib
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,6 +180,10 @@ POLY = [1.0, 0.0]  # poly(x) = x: explicit coefficients, as for a model nobody h
 THRESHOLDS = (0.1, 0.3, 1.0)
 
 
+def enable(thresh: float) -> dict:
+    return dict(coefficients=POLY, rel_l1_thresh=thresh, num_inference_steps=STEPS)
+
+
 # -- eager: the fused path against the oracle -----------------------------------------------------------------
 
 
@@ -186,7 +192,7 @@ def test_fused_matches_reference_over_two_generations(thresh):
     models = {}
     for reference in (False, True):
         model = models[reference] = toy()
-        tk.enable_teacache(model, coefficients=POLY, rel_l1_thresh=thresh, num_inference_steps=STEPS, reference=reference)
+        tk.enable_teacache(model, reference=reference, **enable(thresh))
     for generation in range(2):  # the step counter wraps: the second generation starts from a clean state
         fused, ref = generate(models[False]), generate(models[True])
         assert torch.equal(fused, ref), generation
@@ -201,7 +207,7 @@ def test_threshold_zero_is_the_uncached_model_and_disable_restores_it():
     model = toy()
     plain = generate(model)
     modules, before = [n for n, _ in model.named_modules()], model.state_dict()
-    tk.enable_teacache(model, coefficients=POLY, rel_l1_thresh=0.0, num_inference_steps=STEPS)
+    tk.enable_teacache(model, **enable(0.0))
     assert torch.equal(generate(model), plain)
     assert set(schedules(model).values()) == {"C" * STEPS}
     assert [n for n, _ in model.named_modules()] == modules and list(model.state_dict()) == list(before)
@@ -221,7 +227,7 @@ def test_compiled_fullgraph_no_recompiles_matches_eager_reference():
     x, text, _ = inputs()
     t = torch.ones(1)
     model = toy()
-    tk.enable_teacache(model, coefficients=POLY, rel_l1_thresh=THRESHOLDS[0], num_inference_steps=STEPS)
+    tk.enable_teacache(model, **enable(THRESHOLDS[0]))
     with torch.no_grad():
         explained = torch._dynamo.explain(model)(x, text, t)
     assert explained.graph_break_count == 0, explained.break_reasons
@@ -230,7 +236,9 @@ def test_compiled_fullgraph_no_recompiles_matches_eager_reference():
 
     tk.reset_teacache(model)
     compiled = torch.compile(model, fullgraph=True)
-    generate(compiled)  # warm-up: the first generation compiles
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    generate(compiled)  # warm-up: the first generation compiles, once, both contexts
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1
     results = {}
     with torch._dynamo.config.patch(error_on_recompile=True):
         for thresh in THRESHOLDS:  # a new threshold is written on the device: no recompile
@@ -245,7 +253,7 @@ def test_compiled_fullgraph_no_recompiles_matches_eager_reference():
     budget = 2 * compile_error + 1e-6 * eager_plain.abs().max().item()
     for thresh in THRESHOLDS:
         reference = toy()
-        tk.enable_teacache(reference, coefficients=POLY, rel_l1_thresh=thresh, num_inference_steps=STEPS, reference=True)
+        tk.enable_teacache(reference, reference=True, **enable(thresh))
         ref_out = generate(reference)
         out, sched = results[thresh]
         assert sched == schedules(reference) and "R" in sched["cond"]
@@ -270,7 +278,7 @@ def toy_setup(num_samples: int = 3, num_inference_steps: int = 8) -> Calibration
 
 def test_calibrate_find_threshold_then_enable_from_the_file(tmp_path):
     setup = toy_setup()
-    result = calibrate(setup.transformer, setup.run, setup.samples, degree=2, model_name=setup.model_name, progress=False)
+    result = calibrate(setup.transformer, setup.run, setup.samples, degree=2, model_name="toy-dit", progress=False)
     assert sorted(c.signal for c in result.candidates) == ["hidden_states", "modulated_input", "timestep_embedding"]
     assert result.runtime_signals == ("modulated_input", "timestep_embedding")
     assert result.contexts == ("cond", "uncond") and result.seq_len == TOKENS
@@ -306,7 +314,8 @@ def test_recorded_distances_are_the_spans_by_hand():
         generate(model, seed=5, steps=4)  # calls alternate cond, uncond: cond's steps 1 and 2 are calls 2 and 4
     finally:
         pre.remove(), norm.remove(), out.remove()
-    result = calibrate(model, lambda s: generate(model, seed=s, steps=4), [5], target="residual", degree=1, progress=False)
+    run = lambda seed: generate(model, seed=seed, steps=4)  # noqa: E731
+    result = calibrate(model, run, [5], target="residual", degree=1, progress=False)
     rec = result.recording
     i = next(k for k in range(rec.num_pairs) if (rec.context[k], rec.step[k]) == ("cond", 2))
     assert rec.x["modulated_input"][i] == pytest.approx(rel_l1(signals[4], signals[2]), rel=1e-12)
@@ -352,8 +361,8 @@ def test_register_model_refuses_what_it_cannot_serve():
 
 
 def test_an_unregistered_class_is_pointed_to_the_guide():
-    with pytest.raises(NotImplementedError, match=r"not supported for UnlistedDiT yet.*register_model.*docs/adding_a_model\.md"):
-        tk.enable_teacache(UnlistedDiT(), coefficients=POLY, rel_l1_thresh=0.1, num_inference_steps=STEPS)
+    with pytest.raises(NotImplementedError, match=r"not supported for UnlistedDiT yet.*docs/adding_a_model\.md"):
+        tk.enable_teacache(UnlistedDiT(), **enable(0.1))
     with pytest.raises(ValueError, match=r"UnlistedDiT is not a registered model.*docs/adding_a_model\.md"):
         calibrate(UnlistedDiT(), lambda s: None, [0], progress=False)
 
@@ -361,7 +370,7 @@ def test_an_unregistered_class_is_pointed_to_the_guide():
         pass
 
     model = MyToy()
-    tk.enable_teacache(model, coefficients=POLY, rel_l1_thresh=0.1, num_inference_steps=STEPS)
+    tk.enable_teacache(model, **enable(0.1))
     assert model._teacache.family is TOY
 
 
@@ -377,14 +386,14 @@ def test_errors_of_a_family_that_does_not_fit_its_model():
 
     tk.register_model(tk.ModelFamily("wrong-list", ("WrongListDiT",), ("layers",), TOY.signals))
     with pytest.raises(ValueError, match=r"WrongListDiT\.layers should be the model's nn\.ModuleList of blocks"):
-        tk.enable_teacache(WrongListDiT(), coefficients=POLY, rel_l1_thresh=0.3, num_inference_steps=STEPS)
+        tk.enable_teacache(WrongListDiT(), **enable(0.3))
 
     class WrongStreamDiT(ToyDiT):
         pass
 
     tk.register_model(tk.ModelFamily("wrong-stream", ("WrongStreamDiT",), ("blocks",), TOY.signals, streams=("x",)))
     model = WrongStreamDiT()
-    tk.enable_teacache(model, coefficients=POLY, rel_l1_thresh=0.3, num_inference_steps=STEPS)
+    tk.enable_teacache(model, **enable(0.3))
     with pytest.raises(TypeError, match=r"wrong-stream span was called without the stream\(s\) \['x'\]"):
         generate(model)
 
@@ -397,6 +406,31 @@ def test_errors_of_a_family_that_does_not_fit_its_model():
             return self.proj_out(self.norm_out(h))
 
     model = IndexingDiT()
-    tk.enable_teacache(model, coefficients=POLY, rel_l1_thresh=0.3, num_inference_steps=STEPS)
+    tk.enable_teacache(model, **enable(0.3))
     generate(model)
     assert tk.summary(model).calls == 0  # what the guide tells users to check
+
+
+# -- the guide's examples ---------------------------------------------------------------------------------------
+
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "adding_a_model.md"
+
+
+@pytest.mark.slow
+def test_the_guides_examples_run(tmp_path, monkeypatch):
+    """docs/adding_a_model.md's Python blocks, in order (the Wan one needs a pipeline: tiny_families has none)."""
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)
+    assert len(blocks) == 7, "the guide's Python blocks changed: update this test"
+    model, family, enable, setup, from_file, check, _wan = blocks
+    monkeypatch.chdir(tmp_path)
+    guide: dict = {}
+    exec(model + family + enable + setup, guide)
+    assert guide["tk"].summary(guide["model"]).calls == 40
+    s = guide["setup"](num_samples=2, num_inference_steps=6)  # what `calibrate --model my_dit.py:setup` runs
+    path = "my-dit.teacache.json"
+    calibrate(s.transformer, s.run, s.samples, degree=2, model_name=s.model_name, progress=False).save(path)
+    find_threshold(
+        s.transformer, s.run, s.threshold_samples, min_psnr=30, thresholds=[0.05, 0.2], coefficients_file=path,
+        progress=False,
+    ).save_to()
+    exec(from_file + check, guide)

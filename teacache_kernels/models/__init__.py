@@ -18,11 +18,12 @@ FAMILIES: dict[str, ModelFamily] = {cls: fam for fam in BUILT_IN for cls in fam.
 def register_model(family: ModelFamily, *, replace: bool = False) -> ModelFamily:
     """Make `enable_teacache` serve the classes `family.class_names` (docs/adding_a_model.md). Returns `family`.
 
-    A class already served by another family is an error unless `replace=True`.
+    A class already served by a family of another name is an error unless `replace=True`; registering a
+    family of the same name again (a re-run notebook cell, a reloaded module) replaces it.
     """
     if not isinstance(family, ModelFamily):
         raise TypeError(f"register_model takes a teacache_kernels.ModelFamily, got {type(family).__name__}")
-    taken = {c: FAMILIES[c].name for c in family.class_names if c in FAMILIES and FAMILIES[c] is not family}
+    taken = {c: FAMILIES[c].name for c in family.class_names if c in FAMILIES and FAMILIES[c].name != family.name}
     if taken and not replace:
         raise ValueError(f"{taken} already registered (class -> family); pass replace=True to override")
     for cls in family.class_names:

@@ -38,8 +38,9 @@ class ModelFamily:
     block_lists: attribute names of the transformer's `nn.ModuleList`s of blocks, in the order its forward
         runs them. Every block of every list must take the streams under the same parameter names.
     signals: signal name -> `fn(block_0, call)`, where `call` maps block 0's parameter names to the
-        arguments of this call (positional ones included). The first is the default; a calibration file
-        or a coefficient set may select another by name (e.g. "timestep_embedding").
+        arguments of this call (positional ones included). The span compares "modulated_input" when the
+        family defines it, else the first; a calibration file selects another by name ("modulated_input"
+        and "timestep_embedding" are the names a coefficients file can hold).
     streams: the block parameters that carry hidden states from block to block.
     returns: what a block returns, as names from `streams`, in order; one name: the block returns a tensor.
         Default: `streams` (a tuple) or the one stream (a tensor).
@@ -136,9 +137,12 @@ class BlockSpan(nn.Module):
         signal_fn = family.signals.get(self.cache.signal) or next(iter(family.signals.values()))
         signal = signal_fn(self.first_block, call)
         streams_in = tuple(call[s] for s in family.cached)
+        # The branch reads the cached streams only through its operands: a closure over them would hand
+        # torch.cond the same tensors twice (aliased inputs, which it refuses).
+        rest = {k: v for k, v in call.items() if k not in family.cached}
 
         def full(*cached_in):
-            state = dict(call, **dict(zip(family.cached, cached_in)))
+            state = dict(rest, **dict(zip(family.cached, cached_in)))
             for blocks in self.block_lists:
                 for block in original_blocks(blocks):
                     out = block(**state)
@@ -151,6 +155,6 @@ class BlockSpan(nn.Module):
             return tuple(state[s] for s in family.cached)
 
         key = family.state_key(call) if family.state_key is not None else None
-        cached_out = dict(zip(family.cached, self.cache.run(signal, streams_in, full, streams_in, key)))
+        cached_out = dict(zip(family.cached, self.cache.run(signal, streams_in, full, key)))
         out = tuple(cached_out.get(name, call[name]) for name in family.returns)
         return out[0] if len(out) == 1 else out

@@ -11,7 +11,11 @@
   that gives each branch exactly the per-length step index this package uses (tested against a port of
   the original). It differs where one branch does not run every step: without CFG the original's counter
   never moves and nothing is ever cached; with `cfg_trunc_ratio < 1` it freezes, the last call is not
-  forced and the next generation starts mid-count. Here each length counts its own calls.
+  forced and the next generation starts mid-count. Here each length counts its own calls, and a new
+  generation (the pipeline's scheduler) resets them all; a branch that stops early (the truncated uncond)
+  has no forced last call. Measured on the tiny pipeline (tests/test_fidelity.py): cfg_trunc_ratio=0.5
+  computes 14 calls to the original's 13, 0.0063 from the uncached run against its 0.0758; without CFG,
+  9/10 calls against the original's 10/10.
 Sets: `lumina2` (fitted, the default) and `lumina2-v2` (tuned on LPIPS).
 """
 
