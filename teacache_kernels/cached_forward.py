@@ -191,6 +191,7 @@ class FusedCache:
             for stream, out, residual in zip(streams, outs, residuals):
                 residual.copy_(torch.where(reuse, residual, out - stream))
         return outs
+
     def history(self) -> dict[str, tuple[list[StepRecord], int, int]]:
         """Per context: the current (or last finished) generation's steps, lifetime calls, lifetime reuses."""
         out = {}
