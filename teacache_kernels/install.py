@@ -28,25 +28,33 @@ from torch import nn
 from .block_list import YIELDS, CachedBlockList, cached_class, pass_through_class
 from .models import ModelFamily
 
-# torch 2.13's torch.cond takes no symbolic float among its operands, and with dynamic=True Dynamo turns
-# every float attribute a block reads (LayerNorm's eps...) into one. Floats are specialized while any
-# model has TeaCache on (what the default dynamic=None does anyway); the previous setting comes back
-# when the last one is disabled.
-_specialize_float = {"users": 0, "previous": None}
+# Dynamo settings held while any model has TeaCache on, each restored when the last holder is disabled:
+# - specialize_float: torch 2.13's torch.cond takes no symbolic float among its operands, and with
+#   dynamic=True Dynamo turns every float attribute a block reads (LayerNorm's eps...) into one; the default
+#   dynamic=None specializes them anyway.
+# - a family's own `dynamo_config` (Mochi: capture_dynamic_output_shape_ops, since its attention calls
+#   torch.nonzero inside the branch, which torch.cond cannot leave; fullgraph=True turns it on anyway).
+_held: dict[str, list] = {}  # setting -> [holders, value before the first hold]
 
 
-def _hold_float_specialization() -> None:
+def _hold_dynamo_config(settings: dict) -> None:
     config = torch._dynamo.config
-    if _specialize_float["users"] == 0:
-        _specialize_float["previous"] = config.specialize_float
-        config.specialize_float = True
-    _specialize_float["users"] += 1
+    for name, value in settings.items():
+        if name not in _held:
+            _held[name] = [0, getattr(config, name)]
+            setattr(config, name, value)
+        _held[name][0] += 1
 
 
-def _release_float_specialization() -> None:
-    _specialize_float["users"] -= 1
-    if _specialize_float["users"] == 0:
-        torch._dynamo.config.specialize_float = _specialize_float["previous"]
+def _release_dynamo_config(settings: dict) -> None:
+    for name in settings:
+        _held[name][0] -= 1
+        if _held[name][0] == 0:
+            setattr(torch._dynamo.config, name, _held.pop(name)[1])
+
+
+def _dynamo_settings(family: ModelFamily) -> dict:
+    return {"specialize_float": True, **family.dynamo_config}
 
 
 @dataclass
@@ -116,7 +124,7 @@ class Installation:
             setattr(new, name, copy.deepcopy(getattr(self, name), memo))
         new.pipeline = new.scheduler = new.on_context_entry = None
         new.scheduler_patches = {}
-        _hold_float_specialization()  # the copy is enabled too: its own disable releases it
+        _hold_dynamo_config(_dynamo_settings(new.family))  # the copy is enabled too: its own disable releases it
         return new
 
 
@@ -147,7 +155,7 @@ def install(transformer: nn.Module, family: ModelFamily, cache) -> Installation:
             inst.shadowed[name] = vars(transformer)[name]
         setattr(transformer, name, getattr(inst, name))
     transformer._teacache = inst
-    _hold_float_specialization()
+    _hold_dynamo_config(_dynamo_settings(family))
     return inst
 
 
@@ -174,4 +182,4 @@ def uninstall(inst: Installation) -> None:
             setattr(t, name, inst.shadowed[name])
     unpatch_scheduler(inst)
     del t._teacache
-    _release_float_specialization()
+    _release_dynamo_config(_dynamo_settings(inst.family))

@@ -296,3 +296,15 @@ def test_a_cache_applied_by_a_diffusers_hook_function_is_refused_naming_both():
     with pytest.raises(RuntimeError, match="cannot enable TeaCache on this FluxTransformer2DModel: diffusers' cache hook 'fbc_"):
         tk.enable_teacache(model, num_inference_steps=STEPS)
     assert not hasattr(model, "_teacache")
+
+
+def test_dynamo_settings_are_held_while_enabled_and_restored():
+    """specialize_float (dynamic=True and torch.cond) is set while any model is enabled, then put back."""
+    config = torch._dynamo.config
+    before = config.specialize_float
+    first, second = pair()[1], pair()[1]
+    assert config.specialize_float is True
+    tk.disable_teacache(first)
+    assert config.specialize_float is True  # the second still holds it
+    tk.disable_teacache(second)
+    assert config.specialize_float == before

@@ -58,6 +58,9 @@ class ModelFamily:
         after its blocks, when the original takes its residual after it (Mochi: `("norm_out", ("temb",))`).
         The span then runs it last, with those arguments from the block call, and while TeaCache is on the
         transformer's own call of it passes the stream through.
+    dynamo_config: `torch._dynamo.config` settings the span needs under torch.compile, held while a model of
+        the family has TeaCache on (Mochi: `capture_dynamic_output_shape_ops`, for the `torch.nonzero` in
+        its attention, which a torch.cond branch cannot leave as a graph break).
     """
 
     name: str
@@ -71,6 +74,7 @@ class ModelFamily:
     unsupported_input: Callable[[tuple, dict], str | None] = _no_unsupported_input
     state_key: Callable[[dict], str] | None = None
     tail: tuple[str, tuple[str, ...]] | None = None
+    dynamo_config: Mapping[str, Any] = field(default_factory=dict)
     span_class: type[nn.Module] = field(default=None)  # type: ignore[assignment]  # BlockSpan unless given
 
     def __post_init__(self) -> None:

@@ -7,7 +7,10 @@
   reused: `h + residual`, then `proj_out`). The span runs `norm_out` itself as its last step, and while
   TeaCache is on the transformer's own `norm_out` call passes the stream through (family `tail`).
 diffusers' Mochi attention calls `torch.nonzero` (a data-dependent shape): `torch._dynamo.explain` reports
-graph breaks there even on the plain model, while `torch.compile(fullgraph=True)` compiles it whole.
+graph breaks there even on the plain model, while `torch.compile(fullgraph=True)` compiles it whole (it
+captures data-dependent shapes). Inside the span's torch.cond branch such an op cannot become a graph
+break, so while a Mochi model has TeaCache on, `capture_dynamic_output_shape_ops` is on for every compile
+(as fullgraph=True has it): the cached model then compiles in one graph either way.
 """
 
 from __future__ import annotations
@@ -23,4 +26,5 @@ MOCHI = ModelFamily(
     cached=("hidden_states",),
     default_coefficients="mochi",
     tail=("norm_out", ("temb",)),
+    dynamo_config={"capture_dynamic_output_shape_ops": True},
 )
