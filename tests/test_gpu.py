@@ -98,3 +98,28 @@ def test_flux_on_gpu_matches_reference(compiled):
     assert {k: v for k, v in sched.items() if k in ref_sched} == ref_sched
     assert "R" in ref_sched["cond"]
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)  # TF32/SDPA kernels may differ in the last bits
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("family", ["qwen-image", "lumina2", "cogvideox", "mochi"])
+def test_family_pipeline_on_gpu_matches_reference(family, compiled):
+    """Each new family's tiny pipeline on CUDA: the Triton kernels inside the span, against the oracle.
+    (Written without a GPU at hand; run it whenever one is lent.)"""
+    from teacache_kernels.tiny_families import TINY
+
+    fam, steps = TINY[family], 8
+    case = {"cogvideox": dict(rel_l1_thresh=1.2, coefficients=[1.0, 0.0])}.get(family, dict(rel_l1_thresh=0.3))
+
+    def run(reference):
+        pipe = fam.pipeline().to("cuda")
+        tk.enable_teacache(pipe, reference=reference, **case)
+        if compiled and not reference:
+            pipe.transformer = torch.compile(pipe.transformer, fullgraph=family != "lumina2")
+            fam.generate(pipe, steps)  # warm-up
+        out = fam.generate(pipe, steps)
+        return out, {n: c.schedule for n, c in tk.summary(pipe).contexts.items()}
+
+    out, sched = run(False)
+    ref, ref_sched = run(True)
+    assert sched == ref_sched
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)  # TF32/SDPA kernels may differ in the last bits
