@@ -30,6 +30,12 @@ from .ops.decide import decide
 from .reference import StepRecord
 
 
+def _empty(stream: torch.Tensor) -> torch.Tensor:
+    # Contiguous whatever the stream's layout (HunyuanVideo's image stream is a transposed view): the
+    # residual op writes `out` by flat index, and the compute branch's outputs are contiguous too.
+    return torch.empty_like(stream, memory_format=torch.contiguous_format)
+
+
 def _fresh_outputs(full: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[..., tuple[torch.Tensor, ...]]:
     # torch.cond needs both branches' outputs to agree in storage offset and strides. Blocks may return a
     # view (FLUX's single blocks slice the joint sequence), so the compute branch hands over fresh
@@ -166,10 +172,10 @@ class FusedCache:
             operands = streams
             if self.streams_alias:  # one copy of each later stream (the text stream: small) per call
                 operands = (streams[0], *(o.clone() for o in streams[1:]))
-            reused = lambda *ops: tuple(torch.empty_like(o) for o in ops)  # noqa: E731 (apply_residual_ fills them)
+            reused = lambda *ops: tuple(_empty(o) for o in ops)  # noqa: E731 (apply_residual_ fills them)
             outs = torch.cond(reuse, reused, _fresh_outputs(full), operands)
         elif reuse.item():  # host-ok: eager has to know on the host whether to launch the blocks
-            outs = tuple(torch.empty_like(s) for s in streams)
+            outs = tuple(_empty(s) for s in streams)
         else:
             outs = tuple(out.contiguous() for out in full(*streams))
         for stream, out, residual in zip(streams, outs, st.residuals):

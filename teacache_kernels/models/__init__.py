@@ -7,11 +7,12 @@ from torch import nn
 from .base import BlockSpan, ModelFamily
 from .cogvideox import COGVIDEOX
 from .flux import FLUX
+from .hunyuan_video import HUNYUAN_VIDEO
 from .lumina2 import LUMINA2
 from .mochi import MOCHI
 from .qwen_image import QWEN_IMAGE
 
-BUILT_IN = (FLUX, QWEN_IMAGE, LUMINA2, COGVIDEOX, MOCHI)
+BUILT_IN = (FLUX, QWEN_IMAGE, LUMINA2, COGVIDEOX, MOCHI, HUNYUAN_VIDEO)
 FAMILIES: dict[str, ModelFamily] = {cls: fam for fam in BUILT_IN for cls in fam.class_names}
 
 

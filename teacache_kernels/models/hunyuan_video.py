@@ -1,0 +1,69 @@
+"""HunyuanVideo (HunyuanVideoTransformer3DModel): the authors' TeaCache4HunyuanVideo.
+
+- signal: double block 0's image-stream modulated input, `transformer_blocks[0].norm1(hidden_states,
+  emb=temb)[0]` (the original: `modulate(double_blocks[0].img_norm1(img), img_mod(vec) shift/scale)`, the
+  same LayerNorm without affine, eps 1e-6, and the same SiLU + Linear modulation of the same `vec`);
+- the first and last calls compute (the original's `cnt == 0 or cnt == num_steps - 1`);
+- state per CFG context: the original counts calls of the transformer, one per step (HunyuanVideo is
+  guidance-distilled: `embedded_cfg_scale`, and its sampler batches cond and uncond when true CFG is on);
+  diffusers' HunyuanVideoPipeline calls `cache_context("cond")`, and `("uncond")` only with `true_cfg_scale > 1`;
+- the residual is cached on the image stream only, over the double-stream then the single-stream blocks,
+  before `norm_out` (the original: `img = x[:, :img_seq_len]` after the single blocks, minus the input `img`,
+  then `final_layer`). diffusers' single blocks split the joint sequence back into the two streams, so the
+  span's image stream is that slice; the text stream is not read after the blocks and leaves the span as it came.
+
+One difference from the generic span: diffusers calls every block positionally with the rotary embedding
+fifth, which the double blocks name `freqs_cis` and the single blocks `image_rotary_emb`; both take `**kwargs`.
+The span (`HunyuanVideoSpan`) passes it under both names, so each block reads its own and ignores the other.
+`image_condition_type="token_replace"` (HunyuanVideo-I2V) builds blocks of other classes that take no extra
+keywords (and token-replace modulation the original never covered): refused by name when enabling.
+`latent_concat` (the other I2V variant) uses the ordinary blocks and is served; its coefficients are the T2V set.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from .base import BlockSpan, ModelFamily
+
+_ROTARY_NAMES = ("freqs_cis", "image_rotary_emb")  # double blocks, single blocks
+
+
+class HunyuanVideoSpan(BlockSpan):
+    """The generic span, with the rotary embedding given to every block under both of its names."""
+
+    def __init__(self, *block_lists: nn.ModuleList, **kwargs):
+        for blocks in block_lists:
+            for block in blocks._modules.values():
+                if not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(block.forward).parameters.values()):
+                    raise NotImplementedError(
+                        f"TeaCache does not support HunyuanVideo with {type(block).__name__} blocks "
+                        "(image_condition_type='token_replace', HunyuanVideo-I2V) yet"
+                    )
+        super().__init__(*block_lists, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        call = dict(zip(self.names, args))
+        call.update(kwargs)
+        rotary = next((call[n] for n in _ROTARY_NAMES if n in call), None)
+        for name in _ROTARY_NAMES:
+            call.setdefault(name, rotary)
+        return super().forward(**call)
+
+
+HUNYUAN_VIDEO = ModelFamily(
+    name="hunyuan-video",
+    class_names=("HunyuanVideoTransformer3DModel",),
+    block_lists=("transformer_blocks", "single_transformer_blocks"),
+    signals={
+        "modulated_input": lambda block, call: block.norm1(call["hidden_states"], emb=call["temb"])[0],
+        "timestep_embedding": lambda block, call: call["temb"],
+    },
+    streams=("hidden_states", "encoder_hidden_states"),
+    returns=("hidden_states", "encoder_hidden_states"),
+    cached=("hidden_states",),
+    default_coefficients="hunyuan-video",
+    span_class=HunyuanVideoSpan,
+)
