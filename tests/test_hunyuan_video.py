@@ -7,7 +7,6 @@ the rotary embedding reaches the single-stream blocks (the generic span would pa
 blocks' name `freqs_cis`, which the single blocks ignore), and the token-replace blocks are refused by name.
 """
 
-import math
 from dataclasses import replace
 
 import pytest
@@ -16,6 +15,8 @@ import torch
 import teacache_kernels as tk
 from teacache_kernels.models.base import BlockSpan
 from teacache_kernels.models.hunyuan_video import HUNYUAN_VIDEO
+
+from test_families import assert_clear_of_ties, names, schedules
 
 TEXT_DIM, POOLED_DIM = 16, 8
 STEPS = (10, 7)  # two generations, the second with another step count
@@ -75,23 +76,6 @@ def generate(model, steps: int, cfg: bool = True):
     if getattr(model, "_teacache", None) is not None or hasattr(model, "_orig_mod"):
         tk.reset_teacache(model, num_inference_steps=steps)  # a new generation on a bare transformer
     return euler_loop(model, steps, cfg)
-
-
-def schedules(model):
-    return {name: c.schedule for name, c in tk.summary(model).contexts.items()}
-
-
-def assert_clear_of_ties(summary, thresh):
-    for ctx in summary.contexts.values():
-        acc = 0.0
-        for s in ctx.steps:
-            if not math.isnan(s.y) and s.step not in (0, len(ctx.steps) - 1):
-                assert abs(acc + s.y - thresh) > 1e-6 * max(thresh, 1e-3), f"{ctx.name} step {s.step}: near tie"
-            acc = s.acc
-
-
-def names(model):
-    return [n for n, _ in model.named_modules()], list(model.state_dict())
 
 
 CASES = [dict(rel_l1_thresh=t) for t in (0.1, 0.3, 0.6)]

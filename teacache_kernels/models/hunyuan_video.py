@@ -27,6 +27,7 @@ import inspect
 from torch import nn
 
 from .base import BlockSpan, ModelFamily
+from .flux import FLUX
 
 _ROTARY_NAMES = ("freqs_cis", "image_rotary_emb")  # double blocks, single blocks
 
@@ -57,10 +58,7 @@ HUNYUAN_VIDEO = ModelFamily(
     name="hunyuan-video",
     class_names=("HunyuanVideoTransformer3DModel",),
     block_lists=("transformer_blocks", "single_transformer_blocks"),
-    signals={
-        "modulated_input": lambda block, call: block.norm1(call["hidden_states"], emb=call["temb"])[0],
-        "timestep_embedding": lambda block, call: call["temb"],
-    },
+    signals=FLUX.signals,  # the same adaLN-Zero `norm1(hidden_states, emb=temb)`, or temb itself
     streams=("hidden_states", "encoder_hidden_states"),
     returns=("hidden_states", "encoder_hidden_states"),
     cached=("hidden_states",),
