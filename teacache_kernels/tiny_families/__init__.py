@@ -9,27 +9,9 @@ Random weights exercise the mechanics (schedules, state, compile); they say noth
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
-
 import torch
 
-
-def _randn(*shape, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _mask(length: int, valid: int, dtype=torch.long) -> torch.Tensor:
-    m = torch.zeros(1, length, dtype=dtype)
-    m[:, :valid] = 1
-    return m
-
-
-def _forked(seed: int, build: Callable[[], Any]) -> Any:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
+from .common import TinyFamily, _forked, _mask, _randn
 
 # -- Qwen-Image -----------------------------------------------------------------------------------------------
 
@@ -190,16 +172,6 @@ def mochi_call(seed: int = 1) -> dict:
     mask[0, 10:] = False
     return dict(hidden_states=_randn(2, 12, 2, 8, 8, seed=seed), encoder_hidden_states=_randn(2, 16, 16, seed=seed + 1),
                 timestep=torch.tensor([900.0, 900.0]), encoder_attention_mask=mask, return_dict=False)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class TinyFamily:
-    name: str  # the ModelFamily's name
-    transformer: Callable[..., Any]
-    pipeline: Callable[..., Any]
-    generate: Callable[..., torch.Tensor]
-    transformer_call: Callable[..., dict]
-    contexts: tuple[str, ...]  # the state names a CFG generation produces (summary contexts)
 
 
 TINY: dict[str, TinyFamily] = {
