@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from .config import ResolvedConfig, TeaCacheConfig
+from .follow import follow, with_steps
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -28,7 +29,14 @@ def _split(obj: Any) -> tuple[Any, nn.Module]:
     )
 
 
-def enable_teacache(pipe_or_transformer: Any, config: TeaCacheConfig | None = None, *, reference: bool = False, **fields):
+def enable_teacache(
+    pipe_or_transformer: Any,
+    config: TeaCacheConfig | None = None,
+    *,
+    reference: bool = False,
+    transformer_2: TeaCacheConfig | dict | None = None,
+    **fields,
+):
     """Turn TeaCache on for a diffusers pipeline or transformer. Returns its argument.
 
     `config` and/or keyword fields of `TeaCacheConfig` (keywords override `config`). On a pipeline,
@@ -39,16 +47,40 @@ def enable_teacache(pipe_or_transformer: Any, config: TeaCacheConfig | None = No
     Enable before `torch.compile`. Module and parameter names do not change: LoRAs, attention processors,
     offloading and layerwise casting work the same before or after enabling (README, "While enabled").
 
+    A pipeline with two transformers (Wan 2.2: `transformer` for the high-noise steps, `transformer_2` for
+    the low-noise ones) gets TeaCache on both, each with its own state, forced calls and step count (the
+    steps it runs, from the scheduler and the pipeline's `boundary_ratio`). `transformer_2`: fields (a dict)
+    or a whole `TeaCacheConfig` for the second one, e.g. its own `rel_l1_thresh` or `coefficients`.
+
     A model you calibrated yourself: `enable_teacache(pipe, coefficients_file="my_model.teacache.json")`
     (written by `python -m teacache_kernels calibrate`): each CFG context uses the set fitted at the
     sequence length nearest its own, and that set's recommended threshold unless `rel_l1_thresh` is given.
     """
-    from .cached_forward import FusedCache
-    from .install import install, uninstall
-    from .models import family_for
-    from .reference import ReferenceCache
-
     pipeline, transformer = _split(pipe_or_transformer)
+    second = _second_transformer(pipeline)
+    if transformer_2 is not None and second is None:
+        raise ValueError(f"transformer_2={transformer_2!r} was given, but {type(pipe_or_transformer).__name__} has no transformer_2")
+    if transformer_2 is not None and not isinstance(transformer_2, (dict, TeaCacheConfig)):
+        raise TypeError(f"transformer_2 must be a dict of TeaCacheConfig fields or a TeaCacheConfig, got {type(transformer_2).__name__}")
+    staged = second is not None and getattr(pipeline.config, "boundary_ratio", None) is not None
+    plans = [_plan(pipeline, transformer, config, fields, "high" if staged else None)]
+    if second is not None:
+        config_2, fields_2 = (transformer_2, {}) if isinstance(transformer_2, TeaCacheConfig) else (config, {**fields, **(transformer_2 or {})})
+        plans.append(_plan(pipeline, second, config_2, fields_2, "low" if staged else None))
+    for plan in plans:  # every transformer's config is valid: now change the models
+        _apply(*plan, reference=reference)
+    return pipe_or_transformer
+
+
+def _second_transformer(pipeline) -> nn.Module | None:
+    second = getattr(pipeline, "transformer_2", None) if pipeline is not None else None
+    return _unwrap(second) if isinstance(second, nn.Module) else None
+
+
+def _plan(pipeline, transformer: nn.Module, config: TeaCacheConfig | None, fields: dict, stage: str | None) -> tuple:
+    """Validate enabling `transformer`: (pipeline, transformer, installation or None, family, config, resolved, stage)."""
+    from .models import family_for
+
     inst = getattr(transformer, "_teacache", None)
     other = _other_cache(transformer) if inst is None else None
     if other is not None:
@@ -67,15 +99,21 @@ def enable_teacache(pipe_or_transformer: Any, config: TeaCacheConfig | None = No
     if pipeline is not None and "num_inference_steps" in fields:
         warnings.warn(
             "num_inference_steps is learned from the pipeline's scheduler at every call; the value given is used "
-            "only until the next one", stacklevel=2
+            "only until the next one", stacklevel=3
         )  # fmt: skip
     family = inst.family if inst is not None else family_for(transformer)
     resolved = ResolvedConfig.resolve(config, family.coefficients_for(transformer, pipeline))
     _check_signal(resolved, family)
     if inst is not None and inst.pipeline is not None:  # the scheduler's step count stands until it is set again
-        resolved = _with_steps(resolved, inst.cache.config.num_inference_steps)
+        resolved = with_steps(resolved, inst.cache.config.num_inference_steps)
+    return pipeline, transformer, inst, family, config, resolved, stage
 
-    # Everything is validated: now change the model.
+
+def _apply(pipeline, transformer, inst, family, config, resolved, stage, *, reference: bool) -> None:
+    from .cached_forward import FusedCache
+    from .install import install, uninstall
+    from .reference import ReferenceCache
+
     if inst is not None and isinstance(inst.cache, ReferenceCache) != reference:
         uninstall(inst)  # switching implementation: start over, same pipeline and step count
         inst = None
@@ -86,8 +124,8 @@ def enable_teacache(pipe_or_transformer: Any, config: TeaCacheConfig | None = No
         inst = install(transformer, family, ReferenceCache(resolved) if reference else FusedCache(resolved))
     inst.user_config = config
     if pipeline is not None and inst.pipeline is None:
-        _follow_scheduler(inst, pipeline)
-    return pipe_or_transformer
+        inst.stage = stage
+        follow(inst, pipeline)
 
 
 # Hooks diffusers' caches register (diffusers/hooks/*.py), for caches applied without `enable_cache`.
@@ -110,92 +148,65 @@ def _other_cache(transformer: nn.Module) -> str | None:
 
 
 def _check_signal(resolved: ResolvedConfig, family) -> None:
-    if resolved.calibrated and resolved.signal not in family.signals:
-        raise ValueError(
-            f"the coefficients file was fitted on the signal {resolved.signal!r}, which TeaCache's {family.name} span "
-            f"does not compute; it computes {sorted(family.signals)}"
-        )
+    from .coefficients import PUBLISHED
 
-
-def _follow_scheduler(inst, pipeline) -> None:
-    """Learn num_inference_steps from the scheduler and start a new generation whenever it is set.
-
-    Pipelines set the scheduler's timesteps before their first transformer call, so patching
-    `set_timesteps` (and `set_begin_index`, which img2img pipelines call to skip steps) sees every
-    generation start. If the pipeline's scheduler is replaced later, the next `cache_context` entry
-    (host side, before the first transformer call of that generation) follows the new one.
-    """
-    scheduler = pipeline.scheduler
-    inst.pipeline, inst.scheduler = pipeline, scheduler
-    for method in ("set_timesteps", "set_begin_index"):
-        original = getattr(scheduler, method, None)
-        if original is None:
-            continue
-
-        # functools.wraps keeps the signature: pipelines inspect set_timesteps for `sigmas`/`timesteps`.
-        @functools.wraps(original)
-        def patched(*args, _original=original, **kwargs):
-            result = _original(*args, **kwargs)
-            _new_generation(inst)
-            return result
-
-        inst.scheduler_patches[method] = scheduler.__dict__.get(method)
-        setattr(scheduler, method, patched)
-
-    def follow_a_replaced_scheduler():
-        if pipeline.scheduler is not inst.scheduler:
-            from .install import unpatch_scheduler
-
-            unpatch_scheduler(inst)
-            _follow_scheduler(inst, pipeline)
-            if getattr(pipeline.scheduler, "timesteps", None) is not None:  # already set for this generation
-                _new_generation(inst)
-
-    inst.on_context_entry = follow_a_replaced_scheduler
-
-
-def _new_generation(inst) -> None:
-    """Reset the state, and count this generation's transformer calls from the followed scheduler."""
-    scheduler = inst.scheduler
-    calls = len(scheduler.timesteps) - (getattr(scheduler, "begin_index", None) or 0)
-    inst.cache.set_config(_with_steps(inst.cache.config, calls))
-    inst.cache.reset()
-
-
-def _with_steps(config: ResolvedConfig, steps: int | None) -> ResolvedConfig:
-    return dataclasses.replace(config, num_inference_steps=None if steps is None else max(1, steps))
+    if resolved.signal in family.signals:
+        return
+    if resolved.calibrated:
+        what = "the coefficients file was fitted on"
+    elif resolved.coefficient_set is not None and PUBLISHED[resolved.coefficient_set].runtime_signal is not None:
+        what = f"the coefficient set {resolved.coefficient_set!r} was fitted on"
+    else:
+        return  # a set that names no signal: the family's own
+    raise ValueError(
+        f"{what} the signal {resolved.signal!r}, which TeaCache's {family.name} span does not compute; "
+        f"it computes {sorted(family.signals)}"
+    )
 
 
 def disable_teacache(pipe_or_transformer: Any):
-    """Turn TeaCache off: the model (and scheduler) are exactly as before enabling. No-op if it was off."""
+    """Turn TeaCache off: the model(s) (and scheduler) are exactly as before enabling. No-op if it was off."""
     from .install import uninstall
 
-    _, transformer = _split(pipe_or_transformer)
-    inst = getattr(transformer, "_teacache", None)
-    if inst is not None:
-        uninstall(inst)
+    for _, transformer in reversed(_transformers(pipe_or_transformer)):
+        inst = getattr(transformer, "_teacache", None)
+        if inst is not None:
+            uninstall(inst)
     return pipe_or_transformer
 
 
 def reset_teacache(pipe_or_transformer: Any, num_inference_steps: int | None = None) -> None:
     """Start a new generation now (for hand-written loops), optionally with a new step count."""
-    inst = _installation(pipe_or_transformer)
-    if num_inference_steps is not None:
-        inst.user_config = inst.user_config.replace(num_inference_steps=num_inference_steps)  # validates
-        inst.cache.set_config(_with_steps(inst.cache.config, num_inference_steps))
-    inst.cache.reset()
+    for _, inst in _installations(pipe_or_transformer):
+        if num_inference_steps is not None:
+            inst.user_config = inst.user_config.replace(num_inference_steps=num_inference_steps)  # validates
+            inst.cache.set_config(with_steps(inst.cache.config, num_inference_steps))
+        inst.cache.reset()
 
 
 def summary(pipe_or_transformer: Any):
-    """Which calls ran the blocks and which reused the residual, per CFG context (see report.Summary)."""
-    from .report import Summary
+    """Which calls ran the blocks and which reused the residual, per CFG context, and the cache's memory (see
+    report.Summary). A pipeline with TeaCache on two transformers (Wan 2.2): a `report.StagedSummary` of both."""
+    from .report import StagedSummary, Summary
 
-    return Summary.of(_installation(pipe_or_transformer))
+    installations = _installations(pipe_or_transformer)
+    if len(installations) == 1:
+        return Summary.of(installations[0][1])
+    return StagedSummary({name: Summary.of(inst) for name, inst in installations})
 
 
-def _installation(pipe_or_transformer: Any):
-    _, transformer = _split(pipe_or_transformer)
-    inst = getattr(transformer, "_teacache", None)
-    if inst is None:
+def _transformers(pipe_or_transformer: Any) -> list[tuple[str, nn.Module]]:
+    """(attribute, transformer) of a pipeline's transformers (`transformer`, and `transformer_2` if it has one), or
+    ("transformer", it) for a transformer."""
+    pipeline, transformer = _split(pipe_or_transformer)
+    second = _second_transformer(pipeline)
+    return [("transformer", transformer)] + ([("transformer_2", second)] if second is not None else [])
+
+
+def _installations(pipe_or_transformer: Any) -> list[tuple[str, Any]]:
+    found = [(name, getattr(t, "_teacache", None)) for name, t in _transformers(pipe_or_transformer)]
+    found = [(name, inst) for name, inst in found if inst is not None]
+    if not found:
+        _, transformer = _split(pipe_or_transformer)
         raise RuntimeError(f"TeaCache is not enabled on this {type(transformer).__name__}; call enable_teacache first")
-    return inst
+    return found

@@ -132,6 +132,17 @@ class FusedCache:
         self._active = self.contexts[name]
         return previous
 
+    def at_step(self, step: int) -> None:
+        """The active context's next call is call `step` of its generation (0: a new generation starts). Host side:
+        one small in-place write per state, no sync. A step outside the generation leaves the count as it is."""
+        for st in self._active.all_states():
+            n = st.steps
+            if not st.allocated or step < 0 or (n and step >= n):
+                continue
+            if step == 0:
+                st.reset()
+            st.scalars[S.STEP : S.STEP + 1].fill_(float(step))
+
     def _states(self) -> list[S.ContextState]:
         return [st for context in self.contexts.values() for st in context.all_states()]
 
@@ -198,8 +209,9 @@ class FusedCache:
                 residual.copy_(torch.where(reuse, residual, out - stream))
         return outs
 
-    def history(self) -> dict[str, tuple[list[StepRecord], int, int]]:
-        """Per context: the current (or last finished) generation's steps, lifetime calls, lifetime reuses."""
+    def history(self) -> dict[str, tuple[list[StepRecord], int, int, int]]:
+        """Per context: the current (or last finished) generation's steps, lifetime calls, lifetime reuses, and
+        the bytes of device memory its state holds."""
         out = {}
         for st in self._states():
             name = st.name
@@ -210,5 +222,5 @@ class FusedCache:
             records = [
                 StepRecord(i, r[S.LOG_X], r[S.LOG_Y], r[S.LOG_ACC], r[S.LOG_REUSED] > 0) for i, r in enumerate(rows)
             ]
-            out[name] = (records, int(scalars[S.CALLS]), int(scalars[S.REUSED]))
+            out[name] = (records, int(scalars[S.CALLS]), int(scalars[S.REUSED]), st.memory_bytes)
         return out

@@ -31,6 +31,12 @@ class CoefficientSet:
     # How the implementation the set comes from accumulates (both off in the authors' scripts):
     abs_rescaled: bool = False  # add |poly(x)| instead of poly(x)
     denominator_eps: float = 0.0  # x = mean|m - m_prev| / (mean|m_prev| + eps)
+    # What the set was fitted on and which calls its implementation forces, where that is not the family's
+    # default signal and "first and last call" (a user's explicit warmup_steps / cooldown_steps win):
+    runtime_signal: str | None = None  # the family signal name (ModelFamily.signals) to compare; None: the family's
+    warmup_steps: int = 1  # the first calls of a generation always compute
+    cooldown_steps: int = 1  # the last calls of a generation always compute
+    warmup_fraction: float | None = None  # instead of warmup_steps: the first int(fraction * steps) calls compute
 
 
 _AUTHORS = "ali-vilab/TeaCache"
@@ -191,6 +197,7 @@ PUBLISHED: dict[str, CoefficientSet] = {
             0.07,
             "0.05/0.07/0.08 -> ~1.5/1.6/2.0x",
             f"{_AUTHORS} TeaCache4Wan2.1",
+            runtime_signal="timestep_embedding",
         ),
         CoefficientSet(
             "wan2.1-t2v-14b",
@@ -200,6 +207,7 @@ PUBLISHED: dict[str, CoefficientSet] = {
             0.15,
             "0.14/0.15/0.2 -> 1.4/1.8/2.0x",
             f"{_AUTHORS} TeaCache4Wan2.1",
+            runtime_signal="timestep_embedding",
         ),
         CoefficientSet(
             "wan2.1-i2v-14b-480p",
@@ -209,6 +217,7 @@ PUBLISHED: dict[str, CoefficientSet] = {
             0.19,
             "0.13/0.19/0.26",
             f"{_AUTHORS} TeaCache4Wan2.1",
+            runtime_signal="timestep_embedding",
         ),
         CoefficientSet(
             "wan2.1-i2v-14b-720p",
@@ -218,6 +227,7 @@ PUBLISHED: dict[str, CoefficientSet] = {
             0.2,
             "0.18/0.2/0.3",
             f"{_AUTHORS} TeaCache4Wan2.1",
+            runtime_signal="timestep_embedding",
         ),
         CoefficientSet(
             "wan2.1-t2v-1.3b-ret",
@@ -227,6 +237,7 @@ PUBLISHED: dict[str, CoefficientSet] = {
             0.05,
             "0.05 / 0.10 (first 5 steps forced, not the last)",
             f"{_AUTHORS} TeaCache4Wan2.1",
+            runtime_signal="timestep_projection", warmup_steps=5, cooldown_steps=0,
         ),
         CoefficientSet(
             "wan2.1-t2v-14b-ret",
@@ -236,6 +247,7 @@ PUBLISHED: dict[str, CoefficientSet] = {
             0.1,
             "0.10 / 0.20 (first 5 steps forced, not the last)",
             f"{_AUTHORS} TeaCache4Wan2.1",
+            runtime_signal="timestep_projection", warmup_steps=5, cooldown_steps=0,
         ),
         CoefficientSet(
             "wan2.1-i2v-480p-ret",
@@ -245,6 +257,7 @@ PUBLISHED: dict[str, CoefficientSet] = {
             0.2,
             "0.20 / 0.30 (first 5 steps forced, not the last)",
             f"{_AUTHORS} TeaCache4Wan2.1",
+            runtime_signal="timestep_projection", warmup_steps=5, cooldown_steps=0,
         ),
         CoefficientSet(
             "wan2.1-i2v-720p-ret",
@@ -254,6 +267,7 @@ PUBLISHED: dict[str, CoefficientSet] = {
             0.2,
             "0.20 / 0.30 (first 5 steps forced, not the last)",
             f"{_AUTHORS} TeaCache4Wan2.1",
+            runtime_signal="timestep_projection", warmup_steps=5, cooldown_steps=0,
         ),
         CoefficientSet(
             # Provenance unclear: the values look hand-rounded.
@@ -345,7 +359,8 @@ def resolve(coefficients: str | Sequence[float]) -> tuple[float, ...]:
 # --- Calibrated sets: the JSON files `teacache_kernels calibrate` writes ------------------------------
 
 FILE_FORMAT = "teacache_kernels/coefficients/1"
-RUNTIME_SIGNALS = ("modulated_input", "timestep_embedding")  # what a cached span can compare at run time
+# The signal names most families' cached spans compute (a family may define others: ModelFamily.signals).
+RUNTIME_SIGNALS = ("modulated_input", "timestep_embedding")
 
 
 @dataclass(frozen=True)
@@ -399,10 +414,10 @@ def load_calibrated(path, model: str | None = None) -> tuple[str, tuple[Calibrat
     if not sets:
         raise ValueError(f"coefficients_file {str(path)!r}: model {model!r} has no fitted sequence length")
     signals = {s.signal for s in sets}
-    if len(signals) != 1 or not signals <= set(RUNTIME_SIGNALS):
+    if len(signals) != 1:  # whether the model's family computes it is checked when enabling
         raise ValueError(
             f"coefficients_file {str(path)!r}: model {model!r} was fitted on signal(s) {sorted(signals)}; "
-            f"TeaCache runs on one of {RUNTIME_SIGNALS} for all sequence lengths"
+            "TeaCache runs on one signal for all sequence lengths"
         )
     return model, tuple(sorted(sets, key=lambda s: s.seq_len))
 

@@ -25,8 +25,10 @@ class TeaCacheConfig:
     num_inference_steps: transformer calls per generation and CFG context. Learned from the scheduler
         when enabled on a pipeline; required on a bare transformer. The step counter wraps at it, which
         starts a new generation (state reset on the device).
-    warmup_steps: the first calls of a generation always compute (the original forces 1).
-    cooldown_steps: the last calls of a generation always compute (the original forces 1).
+    warmup_steps: the first calls of a generation always compute. None: what the coefficient set's original
+        forces (1 for most; 5 for Wan's `*-ret` sets; the first 10% of the steps for hidream-full), else 1.
+    cooldown_steps: the last calls of a generation always compute. None: the set's original (1 for most;
+        0 for Wan's `*-ret` sets and hidream-full), else 1.
 
     Beyond the original (all off by default; the oracle in reference.py defines each):
     max_consecutive_skips: after this many reuses in a row the next call computes. None: no limit.
@@ -46,8 +48,8 @@ class TeaCacheConfig:
     rel_l1_thresh: float | None = None
     coefficients: str | Sequence[float] | None = None
     num_inference_steps: int | None = None
-    warmup_steps: int = 1
-    cooldown_steps: int = 1
+    warmup_steps: int | None = None
+    cooldown_steps: int | None = None
     max_consecutive_skips: int | None = None
     min_skip_step: int | None = None
     max_skip_step: int | None = None
@@ -69,7 +71,7 @@ class TeaCacheConfig:
             resolved = self.coefficients if isinstance(self.coefficients, str) else tuple(self.coefficients)
             _coefficients.resolve(resolved)  # raises with the bad value named
             object.__setattr__(self, "coefficients", resolved)
-        optional = {"num_inference_steps", "max_consecutive_skips", "min_skip_step", "max_skip_step"}
+        optional = {"num_inference_steps", "warmup_steps", "cooldown_steps", "max_consecutive_skips", "min_skip_step", "max_skip_step"}
         for field, least in (
             ("num_inference_steps", 1),
             ("warmup_steps", 0),
@@ -155,13 +157,20 @@ class ResolvedConfig:
     clamp_to_calibrated: bool = False  # x_range comes from each length's fitted range
     abs_rescaled: bool = False  # accumulate |poly(x)|
     denominator_eps: float = 0.0  # x = mean|m - m_prev| / (mean|m_prev| + eps)
+    warmup_fraction: float | None = None  # the set's forced first calls as a fraction of num_inference_steps
+
+    def forced_first(self) -> int:
+        """How many calls at the start of a generation compute whatever the distance."""
+        if self.warmup_fraction is not None and self.num_inference_steps is not None:
+            return int(self.warmup_fraction * self.num_inference_steps)
+        return self.warmup_steps
 
     @classmethod
     def resolve(cls, config: TeaCacheConfig, default_set: str | None) -> "ResolvedConfig":
         options = dict(
             num_inference_steps=config.num_inference_steps,
-            warmup_steps=config.warmup_steps,
-            cooldown_steps=config.cooldown_steps,
+            warmup_steps=1 if config.warmup_steps is None else config.warmup_steps,
+            cooldown_steps=1 if config.cooldown_steps is None else config.cooldown_steps,
             max_consecutive_skips=config.max_consecutive_skips,
             min_skip_step=config.min_skip_step,
             max_skip_step=config.max_skip_step,
@@ -184,11 +193,18 @@ class ResolvedConfig:
                     "rel_l1_thresh is required with explicit coefficients (only published sets carry a default)"
                 )
             thresh = _coefficients.PUBLISHED[name].default_thresh
-        if name is not None:  # the accumulation rule of the implementation the set comes from
+        if name is not None:  # the signal, forced calls and accumulation rule of the implementation the set comes from
             published = _coefficients.PUBLISHED[name]
             options["denominator_eps"] = published.denominator_eps
             if config.abs_rescaled is None:
                 options["abs_rescaled"] = published.abs_rescaled
+            if published.runtime_signal is not None:
+                options["signal"] = published.runtime_signal
+            if config.warmup_steps is None:
+                options["warmup_steps"] = published.warmup_steps
+                options["warmup_fraction"] = published.warmup_fraction
+            if config.cooldown_steps is None:
+                options["cooldown_steps"] = published.cooldown_steps
         return cls(
             rel_l1_thresh=float(thresh), coefficients=_coefficients.resolve(chosen), coefficient_set=name, **options
         )

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from .block_list import YIELDS, CachedBlockList, cached_class, pass_through_class
+from .follow import unfollow
 from .models import ModelFamily
 
 # Dynamo settings held while any model has TeaCache on, each restored when the last holder is disabled:
@@ -66,13 +69,15 @@ class Installation:
     list_classes: dict[str, type]  # block list attribute -> its class before enabling
     pre_hook_id: int | None = None
     pipeline: Any = None
-    scheduler: Any = None  # the scheduler whose methods were patched (the pipeline's may be swapped later)
-    scheduler_patches: dict[str, Any] = field(default_factory=dict)  # method name -> instance attribute it shadowed
+    scheduler: Any = None  # the scheduler followed (follow.py; the pipeline's may be swapped later)
+    stage: str | None = None  # "high" / "low": the part of each generation this transformer runs (Wan 2.2)
     user_config: Any = None  # the TeaCacheConfig as given; enabling again updates it
     on_context_entry: Any = None  # called (host side) whenever cache_context is entered
     base_cache_context: Any = None  # what `transformer.cache_context` was before enabling
     shadowed: dict[str, Any] = field(default_factory=dict)  # instance attributes we shadowed -> their value
     tail_class: type | None = None  # the class of the family's tail module before it was made pass-through
+    step_offset: int = 0  # the generation's step index of this transformer's first call (Wan 2.2's second stage)
+    capture_hooks: dict[str, tuple[str, int]] = field(default_factory=dict)  # capture -> (submodule path, hook id)
 
     @property
     def block_lists(self) -> dict[str, nn.ModuleList]:
@@ -82,12 +87,24 @@ class Installation:
 
     @contextlib.contextmanager
     def cache_context(self, name: str, **kwargs):
+        """Select the CFG context's state; where the pipeline says which step this is, set the step from it.
+
+        diffusers' Wan pipelines pass `step_index` (and `num_inference_steps`): the call's index in this
+        transformer's share of the generation (`step_index - step_offset`: Wan 2.2's low-noise transformer
+        starts where the high-noise one stopped) is then the state's step, so a generation's start and its
+        forced calls never depend on counting alone. Without it (most pipelines), the state counts calls.
+        """
         if self.on_context_entry is not None:
             self.on_context_entry()
         base = self.base_cache_context
         with base(name, **kwargs) if base is not None else contextlib.nullcontext():
             previous = self.cache.activate(name)
             try:
+                steps = kwargs.get("num_inference_steps")
+                if steps is not None and self.pipeline is None and steps != self.cache.config.num_inference_steps:
+                    self.cache.set_config(dataclasses.replace(self.cache.config, num_inference_steps=int(steps)))
+                if kwargs.get("step_index") is not None:
+                    self.cache.at_step(int(kwargs["step_index"]) - self.step_offset)
                 yield
             finally:
                 self.cache.activate(previous)
@@ -113,6 +130,10 @@ class Installation:
                 "Call transformer.disable_gradient_checkpointing(), or run under torch.no_grad()"
             )
 
+    def capture(self, name: str, index: int | None, module: nn.Module, args: tuple, output) -> None:
+        """Forward hook on a `family.captures` submodule: keep what the span's signal reads."""
+        self.span.captured[name] = output if index is None else output[index]
+
     def __deepcopy__(self, memo: dict) -> "Installation":
         """The copy drives the copied transformer, with its own cache and state.
 
@@ -122,8 +143,7 @@ class Installation:
         memo[id(self)] = new
         for name in ("transformer", "cache", "span", "user_config", "base_cache_context", "shadowed"):
             setattr(new, name, copy.deepcopy(getattr(self, name), memo))
-        new.pipeline = new.scheduler = new.on_context_entry = None
-        new.scheduler_patches = {}
+        new.pipeline = new.scheduler = new.on_context_entry = new.stage = None
         _hold_dynamo_config(_dynamo_settings(new.family))  # the copy is enabled too: its own disable releases it
         return new
 
@@ -146,6 +166,9 @@ def install(transformer: nn.Module, family: ModelFamily, cache) -> Installation:
         blocks.__class__ = cached_class(type(blocks))
         setattr(blocks, YIELDS, (span,) if i == 0 else ())
 
+    for name, (path, index) in family.captures.items():
+        hook = functools.partial(inst.capture, name, index)  # a partial of a bound method: deepcopy rebinds it
+        inst.capture_hooks[name] = (path, transformer.get_submodule(path).register_forward_hook(hook).id)
     handle = transformer.register_forward_pre_hook(inst.check_inputs, with_kwargs=True)
     inst.pre_hook_id = handle.id  # the id, not the handle: a handle's weak reference would survive deepcopy
     inst.base_cache_context = getattr(transformer, "cache_context", None)
@@ -159,14 +182,6 @@ def install(transformer: nn.Module, family: ModelFamily, cache) -> Installation:
     return inst
 
 
-def unpatch_scheduler(inst: Installation) -> None:
-    for method, shadowed in inst.scheduler_patches.items():
-        delattr(inst.scheduler, method)
-        if shadowed is not None:
-            setattr(inst.scheduler, method, shadowed)
-    inst.scheduler_patches = {}
-
-
 def uninstall(inst: Installation) -> None:
     t = inst.transformer
     for name, blocks in inst.block_lists.items():
@@ -174,12 +189,14 @@ def uninstall(inst: Installation) -> None:
         blocks.__class__ = inst.list_classes[name]
     if inst.tail_class is not None:
         getattr(t, inst.family.tail[0]).__class__ = inst.tail_class
+    for path, hook_id in inst.capture_hooks.values():
+        t.get_submodule(path)._forward_hooks.pop(hook_id, None)
     t._forward_pre_hooks.pop(inst.pre_hook_id, None)
     t._forward_pre_hooks_with_kwargs.pop(inst.pre_hook_id, None)
     for name in ("cache_context", "enable_cache"):
         delattr(t, name)
         if name in inst.shadowed:
             setattr(t, name, inst.shadowed[name])
-    unpatch_scheduler(inst)
+    unfollow(inst)
     del t._teacache
     _release_dynamo_config(_dynamo_settings(inst.family))

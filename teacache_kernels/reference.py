@@ -102,7 +102,7 @@ class TeaCacheOracle:
             y = abs(y)
         forced = (
             self.prev is None
-            or self.step < cfg.warmup_steps
+            or self.step < cfg.forced_first()
             or (n is not None and self.step >= n - cfg.cooldown_steps)
             or cfg.rel_l1_thresh == 0.0
             or (cfg.max_consecutive_skips is not None and self.consecutive >= cfg.max_consecutive_skips)
@@ -155,6 +155,18 @@ class ReferenceCache:
         for oracle in self.contexts.values():
             oracle.reset()
 
+    def at_step(self, step: int) -> None:
+        """The active context's next call is call `step` of its generation (0: a new generation starts)."""
+        for name, oracle in self.contexts.items():
+            if name != self.active and not name.startswith(f"{self.active}/"):
+                continue
+            n = oracle.config.num_inference_steps
+            if step < 0 or (n and step >= n):
+                continue
+            if step == 0:
+                oracle.reset()
+            oracle.step = step
+
     def run(
         self,
         signal: torch.Tensor,
@@ -182,5 +194,9 @@ class ReferenceCache:
         self.residuals[name] = tuple((out - s).detach() for out, s in zip(outs, streams))
         return outs
 
-    def history(self) -> dict[str, tuple[list[StepRecord], int, int]]:
-        return {n: (list(o.history), o.calls, o.reused) for n, o in self.contexts.items() if o.calls}
+    def history(self) -> dict[str, tuple[list[StepRecord], int, int, int]]:
+        def nbytes(name):  # what the oracle holds between calls: the previous signal and the residuals
+            held = [self.contexts[name].prev, *self.residuals.get(name, ())]
+            return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+        return {n: (list(o.history), o.calls, o.reused, nbytes(n)) for n, o in self.contexts.items() if o.calls}

@@ -14,6 +14,7 @@ class ContextSummary:
     steps: list[StepRecord]  # the current (or last finished) generation, one record per call
     calls: int  # lifetime calls of this context
     reused: int  # lifetime calls that reused the residual
+    memory_bytes: int = 0  # device memory the context's state holds (residuals, previous signal, scalars)
 
     @property
     def computed_steps(self) -> int:
@@ -38,6 +39,7 @@ class Summary:
     contexts: dict[str, ContextSummary]  # the contexts called in the current (or last finished) generation
     calls: int  # since enabled, all contexts
     reused: int
+    memory_bytes: int = 0  # device memory of every context's state (also those not called this generation)
 
     @classmethod
     def of(cls, inst) -> "Summary":
@@ -52,8 +54,9 @@ class Summary:
             or (f"calibrated for {cfg.calibrated_model!r}" if cfg.calibrated else str(list(cfg.coefficients))),
             rel_l1_thresh=cfg.rel_l1_thresh,
             contexts={name: ContextSummary(name, *h) for name, h in history.items() if h[0]},
-            calls=sum(calls for _, calls, _ in history.values()),
-            reused=sum(reused for _, _, reused in history.values()),
+            calls=sum(h[1] for h in history.values()),
+            reused=sum(h[2] for h in history.values()),
+            memory_bytes=sum(h[3] for h in history.values()),
         )
 
     def __str__(self) -> str:
@@ -64,12 +67,15 @@ class Summary:
         if not self.contexts:
             return head + f"\n  no calls in this generation yet ({self.calls} since enabled)"
         width = max(7, *(len(n) for n in self.contexts))
-        lines = [head, f"  {'context':<{width}}  calls  computed  reused  schedule (C computed, R reused)"]
+        lines = [head, f"  {'context':<{width}}  calls  computed  reused     memory  schedule (C computed, R reused)"]
         for c in self.contexts.values():
             n = len(c.steps)
-            lines.append(f"  {c.name:<{width}}  {n:>5}  {c.computed_steps:>8}  {c.reused_steps:>6}  {c.schedule}")
+            lines.append(
+                f"  {c.name:<{width}}  {n:>5}  {c.computed_steps:>8}  {c.reused_steps:>6}  {_size(c.memory_bytes):>9}  {c.schedule}"
+            )
         lines.append(
-            f"  since enabled: {self.calls} calls, {self.reused} reused ({100.0 * self.reused / max(self.calls, 1):.0f}%)"
+            f"  since enabled: {self.calls} calls, {self.reused} reused ({100.0 * self.reused / max(self.calls, 1):.0f}%); "
+            f"cache memory {_size(self.memory_bytes)}"
         )
         return "\n".join(lines)
 
@@ -92,8 +98,47 @@ class Summary:
             "rel_l1_thresh": self.rel_l1_thresh,
             "calls": self.calls,
             "reused": self.reused,
+            "memory_bytes": self.memory_bytes,
             "contexts": {
-                n: {"schedule": c.schedule, "calls": c.calls, "reused": c.reused, "steps": [s.__dict__ for s in c.steps]}
+                n: {"schedule": c.schedule, "calls": c.calls, "reused": c.reused, "memory_bytes": c.memory_bytes,
+                    "steps": [s.__dict__ for s in c.steps]}  # fmt: skip
                 for n, c in self.contexts.items()
             },
         }
+
+
+@dataclass(frozen=True)
+class StagedSummary:
+    """A pipeline with TeaCache on two transformers (Wan 2.2): each one's Summary, by pipeline attribute."""
+
+    stages: dict[str, Summary]  # "transformer", "transformer_2"
+
+    @property
+    def contexts(self) -> dict[str, ContextSummary]:
+        """Every stage's contexts, named "<attribute>/<context>"."""
+        return {f"{stage}/{name}": c for stage, s in self.stages.items() for name, c in s.contexts.items()}
+
+    @property
+    def calls(self) -> int:
+        return sum(s.calls for s in self.stages.values())
+
+    @property
+    def reused(self) -> int:
+        return sum(s.reused for s in self.stages.values())
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(s.memory_bytes for s in self.stages.values())
+
+    def __str__(self) -> str:
+        return "\n".join(f"{stage}: {s}" for stage, s in self.stages.items())
+
+    def as_dict(self) -> dict:
+        return {"stages": {stage: s.as_dict() for stage, s in self.stages.items()}}
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"

@@ -59,7 +59,7 @@ def config_values(config: ResolvedConfig) -> list[float]:
     values = [0.0] * NUM_CONFIG
     values[THRESH] = config.rel_l1_thresh
     values[NUM_STEPS] = float(config.num_inference_steps or 0)
-    values[WARMUP] = float(config.warmup_steps)
+    values[WARMUP] = float(config.forced_first())
     values[COOLDOWN] = float(config.cooldown_steps)
     values[MAX_CONSECUTIVE] = inf if config.max_consecutive_skips is None else float(config.max_consecutive_skips)
     values[MIN_SKIP_STEP] = float(config.min_skip_step or 0)
@@ -106,6 +106,7 @@ class ContextState:
         self.log: torch.Tensor | None = None  # float64 [capacity, LOG_WIDTH]
         self.partials: torch.Tensor | None = None  # float32 [2 * MAX_PROGRAMS], the reduction's workspace
         self.ticket: torch.Tensor | None = None  # int32 [1], counts finished programs; reset by the last
+        self.steps: int | None = None  # num_inference_steps of the config last written (host copy)
         self.seq_len: int | None = None  # the first stream's tokens: picks a calibrated config's set (if any)
         # States of this context keyed by a family's `state_key` (Lumina2: the joint sequence length, as its
         # original keys them), each a full ContextState of its own.
@@ -143,9 +144,16 @@ class ContextState:
         self.residuals = tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in zip(stream_shapes, stream_dtypes))
         self.scalars = torch.zeros(NUM_SCALARS, **f64)
         self.config = torch.tensor(config_values(config), **f64)
+        self.steps = config.num_inference_steps
         self.log = torch.full((log_capacity(config), LOG_WIDTH), float("nan"), **f64)
         self.partials = torch.zeros(2 * MAX_PROGRAMS, dtype=torch.float32, device=device)
         self.ticket = torch.zeros(1, dtype=torch.int32, device=device)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Device memory of this state's buffers: the previous signal, one residual per cached stream, the scalars."""
+        buffers = (self.prev_signal, *self.residuals, self.scalars, self.config, self.log, self.partials, self.ticket)
+        return sum(b.numel() * b.element_size() for b in buffers if b is not None)
 
     @property
     def allocated(self) -> bool:
@@ -160,6 +168,7 @@ class ContextState:
             self.log = torch.full((log_capacity(config), LOG_WIDTH), float("nan"), dtype=torch.float64, device=self.log.device)
             self.scalars[LOGGED] = 0.0
         self.config.copy_(torch.tensor(config_values(config), dtype=torch.float64))
+        self.steps = config.num_inference_steps
 
     def reset(self) -> None:
         """Start a new generation in place: clears the accumulator, counter and log view; keeps lifetime counts."""

@@ -8,7 +8,22 @@ from teacache_kernels.config import ResolvedConfig
 
 def test_defaults_follow_the_original():
     c = TeaCacheConfig()
-    assert (c.rel_l1_thresh, c.coefficients, c.num_inference_steps, c.warmup_steps, c.cooldown_steps) == (None, None, None, 1, 1)
+    assert (c.rel_l1_thresh, c.coefficients, c.num_inference_steps, c.warmup_steps, c.cooldown_steps) == (None,) * 5
+    flux = ResolvedConfig.resolve(c, "flux")  # None: the set's original forces the first and the last call
+    assert (flux.forced_first(), flux.cooldown_steps, flux.signal) == (1, 1, "modulated_input")
+    explicit = ResolvedConfig.resolve(TeaCacheConfig(coefficients=[1.0, 0.0], rel_l1_thresh=0.1), None)
+    assert (explicit.forced_first(), explicit.cooldown_steps) == (1, 1)
+
+
+def test_a_coefficient_set_carries_its_signal_and_forced_calls():
+    """Wan's `*-ret` sets: the projected timestep embedding, the first 5 calls forced and not the last; the
+    default-mode sets: the time embedding before the projection, first and last. Explicit fields win."""
+    ret = ResolvedConfig.resolve(TeaCacheConfig(coefficients="wan2.1-t2v-1.3b-ret"), None)
+    assert (ret.signal, ret.forced_first(), ret.cooldown_steps) == ("timestep_projection", 5, 0)
+    default = ResolvedConfig.resolve(TeaCacheConfig(coefficients="wan2.1-t2v-1.3b"), None)
+    assert (default.signal, default.forced_first(), default.cooldown_steps) == ("timestep_embedding", 1, 1)
+    mine = ResolvedConfig.resolve(TeaCacheConfig(coefficients="wan2.1-t2v-1.3b-ret", warmup_steps=2, cooldown_steps=1), None)
+    assert (mine.forced_first(), mine.cooldown_steps) == (2, 1)
 
 
 @pytest.mark.parametrize(
@@ -21,7 +36,7 @@ def test_defaults_follow_the_original():
         (dict(num_inference_steps=0), "num_inference_steps must be an integer >= 1, got 0"),
         (dict(num_inference_steps=2.5), "got 2.5"),
         (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0, got -1"),
-        (dict(cooldown_steps=None), "cooldown_steps must be an integer >= 0, got None"),
+        (dict(cooldown_steps=1.0), "cooldown_steps must be an integer >= 0, got 1.0"),
         (dict(coefficients="nope"), "unknown coefficient set 'nope'"),
         (dict(coefficients=[1, math.nan]), "must be finite"),
     ],

@@ -235,7 +235,7 @@ def test_file_without_recommended_threshold_needs_one(tmp_path):
     [
         ({"a": {"64": entry(FLUX_POLY)}, "b": {"64": entry(FLUX_POLY)}}, None, r"holds models \['a', 'b'\]: choose one"),
         ({"a": {"64": entry(FLUX_POLY)}}, "c", r"has no model 'c'; it has \['a'\]"),
-        ({"a": {"64": entry(FLUX_POLY, signal="norm_out")}}, None, r"fitted on signal\(s\) \['norm_out'\]"),
+        ({"a": {"64": entry(FLUX_POLY, signal="norm_out")}}, None, r"fitted on the signal 'norm_out', which TeaCache's flux span does not compute"),
         ({"a": {"64": {"coefficients": FLUX_POLY}}}, None, r"model 'a', sequence length 64: 'x_range'"),
     ],
 )

@@ -128,8 +128,8 @@ def add_parsers(sub) -> None:
     )
     cal.add_argument(
         "--runtime-signal",
-        choices=RUNTIME_SIGNALS,
-        help="save this signal's fit (default: the best-ranked runtime signal)",
+        help=f"save this signal's fit: one the model's family computes ({', '.join(RUNTIME_SIGNALS)}, ...; "
+        "default: the best-ranked runtime signal)",
     )
     cal.add_argument(
         "--out", help="coefficients JSON to write or merge into (default: the setup's, or MODEL.teacache.json)"

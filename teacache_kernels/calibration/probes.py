@@ -70,6 +70,9 @@ def family_probes(family, transformer: nn.Module) -> FamilyProbes:
     first_block = f"{family.block_lists[0]}.0"
     stream = family.cached[0]  # the stream whose length keys calibrated sets, as at run time
     signals = {name: Probe(first_block, "input", fn=fn) for name, fn in family.signals.items()}
+    for name, (path, index) in family.captures.items():  # a signal read off a submodule's output (Wan's `e`)
+        if name in signals:
+            signals[name] = Probe(path, "output", index)
     span_input = Probe(first_block, "input", fn=lambda block, call: call[stream])
     signals.setdefault("hidden_states", span_input)
     if family.tail is not None:  # the span ends with the tail (Mochi's norm_out): the residual is taken after it
@@ -78,8 +81,7 @@ def family_probes(family, transformer: nn.Module) -> FamilyProbes:
         last = [name for name in family.block_lists if len(transformer.get_submodule(name))][-1]
         index = family.returns.index(stream) if len(family.returns) > 1 else None
         span_output = Probe(f"{last}.{len(transformer.get_submodule(last)) - 1}", index=index)
-    runtime = tuple(name for name in family.signals if name in RUNTIME_SIGNALS)
-    return FamilyProbes(signals, span_input, span_output, runtime)
+    return FamilyProbes(signals, span_input, span_output, tuple(family.signals))
 
 
 def probes_for(transformer: nn.Module) -> FamilyProbes | None:

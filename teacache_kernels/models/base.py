@@ -58,6 +58,10 @@ class ModelFamily:
         after its blocks, when the original takes its residual after it (Mochi: `("norm_out", ("temb",))`).
         The span then runs it last, with those arguments from the block call, and while TeaCache is on the
         transformer's own call of it passes the stream through.
+    captures: signal name -> `(submodule path, index)`: a tensor the transformer computes before its blocks
+        but does not hand them (Wan's time embedding `e`, before `time_projection`): while TeaCache is on, a
+        forward hook keeps that submodule's output (element `index` of a tuple; None: the output itself) from
+        each call, and signal functions find it as `call[name]`.
     dynamo_config: `torch._dynamo.config` settings the span needs under torch.compile, held while a model of
         the family has TeaCache on (Mochi: `capture_dynamic_output_shape_ops`, for the `torch.nonzero` in
         its attention, which a torch.cond branch cannot leave as a graph break).
@@ -74,6 +78,7 @@ class ModelFamily:
     unsupported_input: Callable[[tuple, dict], str | None] = _no_unsupported_input
     state_key: Callable[[dict], str] | None = None
     tail: tuple[str, tuple[str, ...]] | None = None
+    captures: Mapping[str, tuple[str, int | None]] = field(default_factory=dict)
     dynamo_config: Mapping[str, Any] = field(default_factory=dict)
     span_class: type[nn.Module] = field(default=None)  # type: ignore[assignment]  # BlockSpan unless given
 
@@ -96,6 +101,11 @@ class ModelFamily:
         if not self.signals or not all(callable(f) for f in self.signals.values()):
             raise ValueError(f"ModelFamily {self.name!r}: signals must map names to functions fn(block_0, call)")
         set_("signals", dict(self.signals))
+        for name, capture in self.captures.items():
+            if not (isinstance(capture, tuple) and len(capture) == 2 and isinstance(capture[0], str)
+                    and (capture[1] is None or isinstance(capture[1], int))):  # fmt: skip
+                raise ValueError(f"ModelFamily {self.name!r}: captures[{name!r}] must be (submodule path, index or None), got {capture!r}")
+        set_("captures", dict(self.captures))
         if self.span_class is None:
             set_("span_class", BlockSpan)
 
@@ -128,6 +138,7 @@ class BlockSpan(nn.Module):
         # Read once here, on the host: a block's parameter names map positional arguments (gradient
         # checkpointing calls blocks positionally) onto names.
         self.names = parameter_names(self.first_block)
+        self.captured: dict[str, torch.Tensor] = {}  # family.captures of this transformer call (install's hooks)
 
     def forward(self, *args, **kwargs):
         family = self.family
@@ -136,6 +147,10 @@ class BlockSpan(nn.Module):
         missing = [s for s in family.streams if s not in call]
         if missing:
             raise TypeError(f"TeaCache's {family.name} span was called without the stream(s) {missing}")
+        for name in family.captures:  # taken, not read: a later call cannot see this call's tensor
+            if name not in self.captured:
+                raise RuntimeError(f"TeaCache's {family.name} span: {family.captures[name][0]} did not run before the blocks")
+            call[name] = self.captured.pop(name)
         # The cache's signal name (a plain string: static under compile) picks the function; a name this
         # family does not define (the config's default) means the family's first.
         signal_fn = family.signals.get(self.cache.signal) or next(iter(family.signals.values()))
