@@ -102,7 +102,8 @@ def _plan(pipeline, transformer: nn.Module, config: TeaCacheConfig | None, field
             "only until the next one", stacklevel=3
         )  # fmt: skip
     family = inst.family if inst is not None else family_for(transformer)
-    resolved = ResolvedConfig.resolve(config, family.coefficients_for(transformer, pipeline))
+    chosen = config.coefficients is not None or config.coefficients_file is not None
+    resolved = ResolvedConfig.resolve(config, None if chosen else family.coefficients_for(transformer, pipeline))
     _check_signal(resolved, family)
     if inst is not None and inst.pipeline is not None:  # the scheduler's step count stands until it is set again
         resolved = with_steps(resolved, inst.cache.config.num_inference_steps)

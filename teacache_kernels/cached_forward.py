@@ -23,11 +23,15 @@ from typing import Callable, Sequence
 import torch
 from torch._dynamo.comptime import comptime
 
+from . import _inductor_cond_fix
 from . import state as S
 from .config import ResolvedConfig
 from .ops.apply_residual import apply_residual_
 from .ops.decide import decide
 from .reference import StepRecord
+
+
+_inductor_cond_fix.install()  # torch 2.13: branch inputs keep their traced strides (see the module)
 
 
 def _empty(stream: torch.Tensor) -> torch.Tensor:

@@ -77,3 +77,35 @@ def test_compiled_teacache_fullgraph_no_recompiles_matches_eager():
         error = (out - ref_out).abs().max().item()
         assert error <= 2 * compile_error + 1e-6 * scale, (thresh, error, compile_error)
     assert torch.allclose(warmup, results[THRESHOLDS[0]][0], rtol=0, atol=2 * compile_error + 1e-6 * scale)
+
+
+def _conv_then_cond(x, w, lin, pred):
+    # Wan's embedding: the `.contiguous()` copy of a transposed conv output, Inductor lays out as it likes.
+    h = torch.nn.functional.conv3d(x, w).flatten(2).transpose(1, 2).contiguous()
+    return torch.cond(pred, lambda h, lin: h + 1, lambda h, lin: torch.nn.functional.linear(h, lin), (h, lin))
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["torch-2.13-as-is", "teacache-fix"])
+def test_inductor_cond_branches_get_operands_with_their_traced_strides(monkeypatch, fixed):
+    """torch 2.13's Inductor hands a torch.cond branch an operand buffer laid out transposed, then asserts the
+    traced (contiguous) strides on entry: the compiled call fails. teacache_kernels._inductor_cond_fix (installed
+    by the cached forward) requires the traced strides: the compiled cond then matches eager in both branches."""
+    from torch._inductor import ir
+
+    import teacache_kernels.cached_forward  # noqa: F401 (installs the fix)
+
+    if not fixed:
+        monkeypatch.setattr(ir.Conditional, "create", classmethod(ir.Conditional.create.__wrapped__.__func__))
+    x, w, lin = torch.randn(1, 4, 3, 4, 4), torch.randn(8, 4, 1, 2, 2), torch.randn(8, 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(_conv_then_cond, fullgraph=True)
+    try:
+        for pred in (torch.tensor(True), torch.tensor(False)):
+            if fixed:
+                torch.testing.assert_close(compiled(x, w, lin, pred), _conv_then_cond(x, w, lin, pred))
+            else:
+                with pytest.raises(AssertionError, match="stride"):
+                    compiled(x, w, lin, pred)
+                break
+    finally:
+        torch._dynamo.reset()

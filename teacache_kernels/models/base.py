@@ -147,14 +147,15 @@ class BlockSpan(nn.Module):
         missing = [s for s in family.streams if s not in call]
         if missing:
             raise TypeError(f"TeaCache's {family.name} span was called without the stream(s) {missing}")
+        captured = {}
         for name in family.captures:  # taken, not read: a later call cannot see this call's tensor
             if name not in self.captured:
                 raise RuntimeError(f"TeaCache's {family.name} span: {family.captures[name][0]} did not run before the blocks")
-            call[name] = self.captured.pop(name)
+            captured[name] = self.captured.pop(name)
         # The cache's signal name (a plain string: static under compile) picks the function; a name this
         # family does not define (the config's default) means the family's first.
         signal_fn = family.signals.get(self.cache.signal) or next(iter(family.signals.values()))
-        signal = signal_fn(self.first_block, call)
+        signal = signal_fn(self.first_block, {**call, **captured} if captured else call)
         streams_in = tuple(call[s] for s in family.cached)
         # The branch reads the cached streams only through its operands: a closure over them would hand
         # torch.cond the same tensors twice (aliased inputs, which it refuses).
