@@ -82,12 +82,20 @@ class Example:
     record: dict = field(default_factory=dict)  # extra fields for run.json
 
 
+def _transformer_names(pipe) -> list[str]:
+    # Wan 2.2's two-stage pipelines have a second transformer for the low-noise steps.
+    return ["transformer"] + (["transformer_2"] if getattr(pipe, "transformer_2", None) is not None else [])
+
+
 def compile_transformer(pipe, *, fullgraph: bool) -> None:
-    pipe.transformer = torch.compile(pipe.transformer, fullgraph=fullgraph)
+    for name in _transformer_names(pipe):
+        setattr(pipe, name, torch.compile(getattr(pipe, name), fullgraph=fullgraph))
 
 
 def uncompile_transformer(pipe) -> None:
-    pipe.transformer = getattr(pipe.transformer, "_orig_mod", pipe.transformer)
+    for name in _transformer_names(pipe):
+        module = getattr(pipe, name)
+        setattr(pipe, name, getattr(module, "_orig_mod", module))
 
 
 def timed(ex: Example, args) -> tuple[Any, float]:
@@ -171,7 +179,8 @@ def run(ex: Example, args) -> int:
         uncompile_transformer(ex.pipe)  # enable on the plain model, then compile again
 
     coefficients = {"coefficients": args.coefficients} if args.coefficients else {}
-    tk.enable_teacache(ex.pipe, rel_l1_thresh=args.thresh, **coefficients)
+    second = getattr(args, "teacache_2", None)  # Wan 2.2: transformer_2's own fields
+    tk.enable_teacache(ex.pipe, rel_l1_thresh=args.thresh, **coefficients, **({"transformer_2": second} if second else {}))
     if args.compile:
         compile_transformer(ex.pipe, fullgraph=ex.fullgraph)
     warm_up(ex, args)

@@ -23,6 +23,10 @@ SCRIPTS = {
     "lumina2": ("lumina2", "lumina2", False),
     "cogvideox": ("cogvideox", "cogvideox-5b", True),
     "mochi": ("mochi", "mochi", True),
+    "ltx_video": ("ltx-video", "ltx-video", True),
+    "hunyuan_video": ("hunyuan-video", "hunyuan-video", True),
+    "hidream": ("hidream", "hidream-full", False),
+    "wan": ("wan", "wan2.1-i2v-14b-480p", True),
 }
 
 
