@@ -36,7 +36,7 @@ class CoefficientSet:
     runtime_signal: str | None = None  # the family signal name (ModelFamily.signals) to compare; None: the family's
     warmup_steps: int = 1  # the first calls of a generation always compute
     cooldown_steps: int = 1  # the last calls of a generation always compute
-    warmup_fraction: float | None = None  # instead of warmup_steps: the first int(fraction * steps) calls compute
+    warmup_fraction: float | None = None  # instead of warmup_steps: calls with index < fraction * steps compute
 
 
 _AUTHORS = "ali-vilab/TeaCache"
@@ -124,6 +124,7 @@ PUBLISHED: dict[str, CoefficientSet] = {
             0.3,
             "0.17->1.5x, 0.25->1.7x, 0.3->2x, 0.45->2.6x",
             f"{_AUTHORS} TeaCache4HiDream-I1",
+            runtime_signal="timestep_embedding", warmup_fraction=0.1, cooldown_steps=0,
         ),
         CoefficientSet(
             "hidream-dev",
@@ -133,6 +134,7 @@ PUBLISHED: dict[str, CoefficientSet] = {
             1.0,
             "1.0 -> ~2x",
             "ComfyUI-TeaCache",
+            runtime_signal="image_tokens", cooldown_steps=0,
         ),
         CoefficientSet(
             "hidream-fast",
@@ -142,6 +144,7 @@ PUBLISHED: dict[str, CoefficientSet] = {
             1.5,
             "1.5 -> ~1.7x",
             "ComfyUI-TeaCache",
+            runtime_signal="image_tokens", cooldown_steps=0,
         ),
         CoefficientSet(
             "cogvideox-2b",

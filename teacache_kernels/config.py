@@ -160,9 +160,10 @@ class ResolvedConfig:
     warmup_fraction: float | None = None  # the set's forced first calls as a fraction of num_inference_steps
 
     def forced_first(self) -> int:
-        """How many calls at the start of a generation compute whatever the distance."""
+        """How many calls at the start of a generation compute whatever the distance. A fraction of the steps
+        forces the calls with index < fraction * steps (HiDream-Full's `cnt < num_steps * 0.1`): its ceiling."""
         if self.warmup_fraction is not None and self.num_inference_steps is not None:
-            return int(self.warmup_fraction * self.num_inference_steps)
+            return math.ceil(self.warmup_fraction * self.num_inference_steps)
         return self.warmup_steps
 
     @classmethod

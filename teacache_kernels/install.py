@@ -130,9 +130,13 @@ class Installation:
                 "Call transformer.disable_gradient_checkpointing(), or run under torch.no_grad()"
             )
 
-    def capture(self, name: str, index: int | None, module: nn.Module, args: tuple, output) -> None:
+    def capture(self, name: str, index: int | None, many: bool, module: nn.Module, args: tuple, output) -> None:
         """Forward hook on a `family.captures` submodule: keep what the span's signal reads."""
-        self.span.captured[name] = output if index is None else output[index]
+        out = output if index is None else output[index]
+        if many:  # "path.*": every child's output of this call, in call order
+            self.span.captured.setdefault(name, []).append(out)
+        else:
+            self.span.captured[name] = out
 
     def __deepcopy__(self, memo: dict) -> "Installation":
         """The copy drives the copied transformer, with its own cache and state.
@@ -167,8 +171,11 @@ def install(transformer: nn.Module, family: ModelFamily, cache) -> Installation:
         setattr(blocks, YIELDS, (span,) if i == 0 else ())
 
     for name, (path, index) in family.captures.items():
-        hook = functools.partial(inst.capture, name, index)  # a partial of a bound method: deepcopy rebinds it
-        inst.capture_hooks[name] = (path, transformer.get_submodule(path).register_forward_hook(hook).id)
+        many = path.endswith(".*")  # a hook on every child of the module at the path
+        hook = functools.partial(inst.capture, name, index, many)  # a partial of a bound method: deepcopy rebinds it
+        targets = [(f"{path[:-2]}.{c}", m) for c, m in transformer.get_submodule(path[:-2]).named_children()] if many else [(path, transformer.get_submodule(path))]
+        for i, (target, module) in enumerate(targets):
+            inst.capture_hooks[f"{name}.{i}" if many else name] = (target, module.register_forward_hook(hook).id)
     handle = transformer.register_forward_pre_hook(inst.check_inputs, with_kwargs=True)
     inst.pre_hook_id = handle.id  # the id, not the handle: a handle's weak reference would survive deepcopy
     inst.base_cache_context = getattr(transformer, "cache_context", None)

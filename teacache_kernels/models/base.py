@@ -61,7 +61,9 @@ class ModelFamily:
     captures: signal name -> `(submodule path, index)`: a tensor the transformer computes before its blocks
         but does not hand them (Wan's time embedding `e`, before `time_projection`): while TeaCache is on, a
         forward hook keeps that submodule's output (element `index` of a tuple; None: the output itself) from
-        each call, and signal functions find it as `call[name]`.
+        each call, and signal functions find it as `call[name]`. A path ending in ".*" hooks every child of the
+        module at the path: `call[name]` is then the list of their outputs in call order (HiDream's per-block
+        caption projections).
     dynamo_config: `torch._dynamo.config` settings the span needs under torch.compile, held while a model of
         the family has TeaCache on (Mochi: `capture_dynamic_output_shape_ops`, for the `torch.nonzero` in
         its attention, which a torch.cond branch cannot leave as a graph break).

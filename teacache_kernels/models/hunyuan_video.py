@@ -18,10 +18,34 @@ The span (`HunyuanVideoSpan`) passes it under both names, so each block reads it
 `image_condition_type="token_replace"` (HunyuanVideo-I2V) builds blocks of other classes that take no extra
 keywords (and token-replace modulation the original never covered): refused by name when enabling.
 `latent_concat` (the other I2V variant) uses the ordinary blocks and is served; its coefficients are the T2V set.
+
+Two more transformer classes build on these blocks. Neither subclasses HunyuanVideoTransformer3DModel (diffusers
+0.42.1), so neither would reach this family through `family_for`'s MRO walk; each is a family of its own:
+
+- FramePack (`HunyuanVideoFramepackTransformer3DModel`, lllyasviel/FramePack): the same double and single blocks,
+  called positionally the same way, with the history latents' tokens packed in front of the window's. FramePack's
+  own code (diffusers_helper/models/hunyuan_video_packed.py, `initialize_teacache`) is TeaCache4HunyuanVideo on
+  the packed sequence: block 0's `norm1(hidden_states, emb=temb)[0]`, the HunyuanVideo set, first and last
+  calls forced, the residual over all packed image tokens before the slice to the window and `norm_out`; a
+  new state per section (its demo calls `initialize_teacache` before each; diffusers' pipeline sets the
+  scheduler's timesteps per section, which starts a new generation here). Served with the `hunyuan-video` set.
+  Its decision `acc >= thresh` differs from TeaCache4HunyuanVideo's only at a NaN distance (FramePack reuses,
+  and keeps reusing until the next forced call; the package computes). diffusers' FramePack pipeline enters no
+  `cache_context`: with `true_cfg_scale > 1` the cond and uncond calls share one state and one call counter
+  (wrapping at the step count, mid-section), exactly as FramePack's own code does with `cfg > 1`; the released
+  checkpoints are guidance-distilled and FramePack runs them at `cfg = 1` (measured in tests/test_hunyuan_video.py).
+- HunyuanVideo 1.5 (`HunyuanVideo15Transformer3DModel`): one list of double-stream blocks (no single-stream
+  blocks) with the same call and the same adaLN-Zero `norm1`; its pipeline calls `cache_context("pred_cond")`
+  and `("pred_uncond")`. The same span applies exactly (threshold 0 is the plain model bit for bit), but no
+  TeaCache coefficients for it are published (the authors' repository has none; Tencent's HunyuanVideo-1.5
+  "teacache" option is AngelSlim's fixed step schedule, no polynomial), and the HunyuanVideo set was fitted on
+  another model: `enable_teacache` asks for `coefficients=[...]` or a `coefficients_file` (`python -m
+  teacache_kernels calibrate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 from torch import nn
@@ -65,3 +89,14 @@ HUNYUAN_VIDEO = ModelFamily(
     default_coefficients="hunyuan-video",
     span_class=HunyuanVideoSpan,
 )
+
+# The same blocks behind another embedding of the inputs (history tokens packed in front of the window's).
+HUNYUAN_VIDEO_FRAMEPACK = dataclasses.replace(
+    HUNYUAN_VIDEO, name="hunyuan-video-framepack", class_names=("HunyuanVideoFramepackTransformer3DModel",)
+)
+
+# One block list; no published coefficients (default_coefficients None: enable_teacache asks for them).
+HUNYUAN_VIDEO_15 = dataclasses.replace(
+    HUNYUAN_VIDEO, name="hunyuan-video-1.5", class_names=("HunyuanVideo15Transformer3DModel",),
+    block_lists=("transformer_blocks",), default_coefficients=None,
+)  # fmt: skip

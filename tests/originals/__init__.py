@@ -8,6 +8,11 @@ and `teacache_kernels.tiny_models`:
   lumina2.py     ali-vilab/TeaCache  TeaCache4Lumina2/teacache_lumina2.py
   cogvideox.py   ali-vilab/TeaCache  TeaCache4CogVideoX1.5/teacache_sample_video.py
   mochi.py       ali-vilab/TeaCache  TeaCache4Mochi/teacache_mochi.py
+  hunyuan_video.py  ali-vilab/TeaCache  TeaCache4HunyuanVideo/teacache_sample_video.py
+  ltx_video.py   ali-vilab/TeaCache  TeaCache4LTX-Video/teacache_ltx.py
+  wan.py         ali-vilab/TeaCache  TeaCache4Wan2.1/teacache_generate.py
+  cosmos.py      ali-vilab/TeaCache  TeaCache4Cosmos/teacache_sample_video_t2v.py (tests/test_cosmos.py: a loop)
+  hidream.py     ali-vilab/TeaCache  TeaCache4HiDream-I1/teacache_hidream_i1.py; welltop-cn/ComfyUI-TeaCache nodes.py (Dev, Fast; at 91dff8e)
 
 (ali-vilab/TeaCache read at 7c10efc, vllm-omni at be81443c.) Each port is the original's patched transformer
 forward (vLLM-Omni: its hook's `new_forward` with the Qwen extractor), transcribed against the forward of
