@@ -33,11 +33,21 @@ from teacache_kernels.coefficients import PUBLISHED, polyval  # noqa: E402
 from teacache_kernels.config import ResolvedConfig, TeaCacheConfig  # noqa: E402
 from teacache_kernels.ops.decide import decide  # noqa: E402
 
+# Each family's signal at its typical resolution (bench/cache_memory.py derives the token counts): whole-sequence
+# modulated inputs, and the tiny timestep embeddings some originals compare instead.
 SHAPES = {
-    "FLUX.1 1024px (1, 4096, 3072)": (1, 4096, 3072),
-    "Wan2.1-14B 480p hidden (1, 32760, 5120)": (1, 32760, 5120),
-    "HunyuanVideo 720p (1, 118800, 3072)": (1, 118800, 3072),
-    "Wan2.1 e0 timestep proj (1, 6, 5120)": (1, 6, 5120),
+    "FLUX.1 1024px modulated (1, 4096, 3072)": (1, 4096, 3072),
+    "Qwen-Image 1328px modulated (1, 6889, 3072)": (1, 6889, 3072),
+    "Lumina2 1024px joint modulated (1, 4352, 2304)": (1, 4352, 2304),
+    "HiDream-Dev 1024px image tokens (1, 4096, 2560)": (1, 4096, 2560),
+    "LTX-Video 768x512x161 modulated (2, 8064, 2048)": (2, 8064, 2048),
+    "Mochi 848x480x163 modulated (2, 44520, 3072)": (2, 44520, 3072),
+    "HunyuanVideo 720p x129 modulated (1, 118800, 3072)": (1, 118800, 3072),
+    "Cosmos-1.0-7B 1280x704x121 modulated (1, 56320, 4096)": (1, 56320, 4096),
+    "Wan2.1-14B e time embedding (1, 5120)": (1, 5120),
+    "Wan2.1-14B e0 timestep proj (1, 6, 5120)": (1, 6, 5120),
+    "CogVideoX-5b temb (2, 512)": (2, 512),
+    "HiDream-Full t_embedder (2, 2560)": (2, 2560),
 }
 
 
@@ -77,10 +87,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="default: 50 on a GPU, 7 on CPU")
     p.add_argument("--quick", action="store_true", help="3 repeats, without the HunyuanVideo shape")
     p.add_argument("--no-csv", action="store_true")
+    p.add_argument("--only", default=None, metavar="TEXT", help="only the shapes whose name contains TEXT")
     args = p.parse_args(argv)
     device, dtype = args.device, getattr(torch, args.dtype)
     repeats = args.repeats or (3 if args.quick else (50 if device == "cuda" else 7))
-    shapes = {k: v for k, v in SHAPES.items() if not (args.quick and "Hunyuan" in k)}
+    shapes = {k: v for k, v in SHAPES.items() if not (args.quick and "Hunyuan" in k) and (args.only or "") in k}
 
     hw = hardware(device)
     copy_bw = copy_bandwidth(device)

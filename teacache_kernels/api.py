@@ -102,6 +102,9 @@ def _plan(pipeline, transformer: nn.Module, config: TeaCacheConfig | None, field
             "only until the next one", stacklevel=3
         )  # fmt: skip
     family = inst.family if inst is not None else family_for(transformer)
+    reason = family.unsupported_pipeline(pipeline) if pipeline is not None else None
+    if reason is not None:
+        raise NotImplementedError(f"TeaCache cannot serve {type(pipeline).__name__}: {reason}")
     chosen = config.coefficients is not None or config.coefficients_file is not None
     resolved = ResolvedConfig.resolve(config, None if chosen else family.coefficients_for(transformer, pipeline))
     _check_signal(resolved, family)

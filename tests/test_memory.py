@@ -97,3 +97,23 @@ def test_no_buffer_is_reallocated_across_steps_and_generations(name):
     contexts = summary.contexts
     assert all(c.memory_bytes > 0 for c in contexts.values()) and summary.memory_bytes >= sum(c.memory_bytes for c in contexts.values())
     assert "cache memory" in str(summary)
+
+
+def test_the_readme_figures_come_from_the_same_allocation():
+    """bench/cache_memory.py builds the state on the meta device for a layout; on the tiny Wan pipeline that figure
+    equals what summary() reports for a real context of the same layout (float32 here)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import cache_memory
+
+    pipe = TINY["wan"].pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    tk.enable_teacache(pipe, **OPTIONS["wan"])
+    TINY["wan"].generate(pipe, 8)
+    st = pipe.transformer._teacache.cache.contexts["cond"]
+    signal, _, streams, _, _ = st.layout
+    case = cache_memory.Case("wan", "tiny", "-", "-", signal, streams, OPTIONS["wan"]["coefficients"], 8)
+    assert cache_memory.context_bytes(case, dtype=torch.float32) == tk.summary(pipe).contexts["cond"].memory_bytes
+    assert cache_memory.main(["--no-write"]) == 0

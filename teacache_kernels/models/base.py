@@ -29,6 +29,10 @@ def _no_unsupported_input(args: tuple, kwargs: dict) -> str | None:
     return None
 
 
+def _any_pipeline(pipeline: Any) -> str | None:
+    return None
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """How TeaCache caches one transformer family. Only `name`, `class_names`, `block_lists` and `signals` are required.
@@ -51,6 +55,8 @@ class ModelFamily:
         `fn(transformer, pipeline or None) -> name`. None: users give `coefficients` or `coefficients_file`.
     unsupported_input: `fn(args, kwargs)` of a transformer call -> the name of an input the span cannot
         honour (ControlNet residuals added between blocks...), or None. Checked before each call.
+    unsupported_pipeline: `fn(pipeline) -> reason or None`: a pipeline the family cannot serve (Cosmos: pipelines
+        that call the CFG branches without naming them), refused by name when enabling on it.
     state_key: `fn(call) -> str` when the original keeps its state by something other than the CFG context
         (Lumina2: the joint sequence length, since its pipeline sets no context): each key of each context
         gets a state of its own. None: per context.
@@ -78,6 +84,7 @@ class ModelFamily:
     cached: tuple[str, ...] | None = None
     default_coefficients: str | Callable[[nn.Module, Any], str] | None = None
     unsupported_input: Callable[[tuple, dict], str | None] = _no_unsupported_input
+    unsupported_pipeline: Callable[[Any], str | None] = _any_pipeline
     state_key: Callable[[dict], str] | None = None
     tail: tuple[str, tuple[str, ...]] | None = None
     captures: Mapping[str, tuple[str, int | None]] = field(default_factory=dict)

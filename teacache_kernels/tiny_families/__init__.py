@@ -1,16 +1,18 @@
-"""Tiny random-weight pipelines of every built-in family except FLUX (see tiny_models.py), for tests and `--tiny`.
+"""Tiny random-weight pipelines of the built-in families (FLUX: tiny_models.py), for tests and `--tiny`.
 
 Real diffusers transformer, VAE, scheduler and pipeline classes from small configs; text encoders are left
 out and the pipelines are called with prompt embeddings. `TINY[name]` gives, per family:
   pipeline(seed) -> the pipeline;  generate(pipe, steps, cfg=True, **kw) -> final latents;
   transformer_call(seed) -> keyword arguments of one direct transformer call (compile / explain tests).
 Random weights exercise the mechanics (schedules, state, compile); they say nothing about quality.
+The seed families' builders are here; each later family has its module (ltx_video.py, hunyuan_video.py, ...).
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import hidream, hunyuan_video, ltx_video, wan
 from .common import TinyFamily, _forked, _mask, _randn
 
 # -- Qwen-Image -----------------------------------------------------------------------------------------------
@@ -181,5 +183,12 @@ TINY: dict[str, TinyFamily] = {
         TinyFamily("lumina2", lumina2_transformer, lumina2_pipeline, lumina2_generate, lumina2_call, ("seq21", "seq17")),
         TinyFamily("cogvideox", cogvideox_transformer, cogvideox_pipeline, cogvideox_generate, cogvideox_call, ("cond_uncond",)),
         TinyFamily("mochi", mochi_transformer, mochi_pipeline, mochi_generate, mochi_call, ("cond_uncond",)),
+        TinyFamily("ltx-video", ltx_video.transformer, ltx_video.pipeline, ltx_video.generate, ltx_video.transformer_call, ("cond_uncond",)),
+        TinyFamily("hunyuan-video", hunyuan_video.hunyuan_video_transformer, hunyuan_video.hunyuan_video_pipeline,
+                   hunyuan_video.hunyuan_video_generate, hunyuan_video.hunyuan_video_call, ("cond", "uncond")),  # fmt: skip
+        TinyFamily("hidream", hidream.transformer, hidream.pipeline, hidream.generate, hidream.transformer_call, ("default",)),
+        # No published set fits the tiny Wan (hidden size 24): enable it with coefficients= (tests/test_wan.py).
+        TinyFamily("wan", wan.wan_transformer, wan.wan_pipeline, wan.wan_generate, wan.wan_call, ("cond", "uncond")),
     )
 }
+# Cosmos (tiny_families/cosmos.py) is not here: diffusers' Cosmos pipelines are refused (models/cosmos.py).
