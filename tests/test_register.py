@@ -418,10 +418,10 @@ GUIDE = Path(__file__).resolve().parents[1] / "docs" / "adding_a_model.md"
 
 @pytest.mark.slow
 def test_the_guides_examples_run(tmp_path, monkeypatch):
-    """docs/adding_a_model.md's Python blocks, in order (the Wan one needs a pipeline: tiny_families has none)."""
+    """docs/adding_a_model.md's Python blocks, in order (the EasyAnimate one needs a pipeline: tiny_families has none)."""
     blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)
     assert len(blocks) == 7, "the guide's Python blocks changed: update this test"
-    model, family, enable, setup, from_file, check, _wan = blocks
+    model, family, enable, setup, from_file, check, _easyanimate = blocks
     monkeypatch.chdir(tmp_path)
     guide: dict = {}
     exec(model + family + enable + setup, guide)
@@ -434,3 +434,39 @@ def test_the_guides_examples_run(tmp_path, monkeypatch):
         progress=False,
     ).save_to()
     exec(from_file + check, guide)
+
+
+def test_the_guides_unlisted_diffusers_class_is_served_exactly():
+    """The guide's EasyAnimate family, registered as written, on a tiny real EasyAnimateTransformer3DModel: threshold 0
+    is the plain model bit for bit, and the published set's threshold reuses on a short run."""
+    from diffusers import EasyAnimateTransformer3DModel
+
+    block = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)[-1]
+    assert "EasyAnimateTransformer3DModel" in block
+
+    def build():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return EasyAnimateTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                out_channels=4, patch_size=2, sample_width=8, sample_height=8, num_layers=2, mmdit_layers=2,
+                time_embed_dim=8, text_embed_dim=16).eval()  # fmt: skip
+
+    guide = {"tk": tk}
+    try:
+        exec(block.replace("tk.enable_teacache(pipe)", ""), guide)
+        plain, model = build(), build()
+        tk.enable_teacache(model, num_inference_steps=4, rel_l1_thresh=0.0)
+        call = dict(hidden_states=torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(1)),
+                    encoder_hidden_states=torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(2)),
+                    timestep=torch.tensor([500]), return_dict=False)  # fmt: skip
+        with torch.no_grad():
+            assert torch.equal(model(**call)[0], plain(**call)[0])
+            tk.enable_teacache(model, rel_l1_thresh=None)  # back to the set's own threshold
+            for t in (900, 800, 700, 600):
+                model(**dict(call, timestep=torch.tensor([t])))
+        summary = tk.summary(model)
+        assert summary.coefficients == "easyanimate-v5.1-7b" and "R" in summary.contexts["default"].schedule
+    finally:
+        from teacache_kernels.models import FAMILIES
+
+        FAMILIES.pop("EasyAnimateTransformer3DModel", None)
