@@ -12,6 +12,7 @@ are registered when TeaCache is first enabled (or `teacache_kernels.ops` is impo
 """
 
 from .api import disable_teacache, enable_teacache, reset_teacache, summary
+from .compile import compile  # noqa: A004 (tk.compile: torch.compile with TeaCache's branch chosen)
 from .models import ModelFamily, register_model
 from .coefficients import PUBLISHED as PUBLISHED_COEFFICIENTS
 from .config import TeaCacheConfig
@@ -26,6 +27,7 @@ __all__ = [
     "disable_teacache",
     "reset_teacache",
     "summary",
+    "compile",
     "PUBLISHED_COEFFICIENTS",
     "__version__",
 ]

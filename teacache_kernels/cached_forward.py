@@ -84,12 +84,25 @@ def _prepare_while_tracing(ctx) -> None:
     cache.streams_alias = len(set(storages)) < len(storages)
 
 
+@torch._dynamo.disable
+def _read_flag(cache: "FusedCache", reuse: torch.Tensor) -> bool:
+    """The one host read of a step's decision, outside any graph: under torch.compile the call is a deliberate
+    graph break, so the graphs before and after it (each CUDA-graph capturable) are cut here (the split path)."""
+    cache.host_reads += 1
+    return bool(reuse.item())  # host-ok: the split path's one read per step
+
+
 class FusedCache:
     """Per-CFG-context TeaCache state on the device, and the cached run of a block span."""
 
     # How eager (uncompiled) calls branch: "python" (one host read) or "cond" (torch.cond run eagerly, which
     # reads the flag on the host as well). bench/bench_branch.py measures both; "python" was faster.
     eager_branch = "python"
+    # How compiled calls branch: "cond" (torch.cond: one graph, fullgraph=True works; torch 2.13's Inductor reads
+    # the flag on the host inside it and gives up CUDA graphs for the graph) or "split" (a graph break at the flag:
+    # the graphs before and after it, and each branch's, are separate and each can be CUDA-graphed; one host read
+    # per step, counted in `host_reads`). `teacache_kernels.compile` picks "split" for mode="reduce-overhead".
+    compiled_branch = "cond"
 
     def __init__(self, config: ResolvedConfig):
         self.config = config
@@ -98,6 +111,7 @@ class FusedCache:
         self._active: S.ContextState = S.ContextState("default")
         self.contexts["default"] = self._active
         self.streams_alias = False  # set while tracing: do the streams of the traced call share storage?
+        self.host_reads = 0  # decisions read on the host by this package (eager calls and the split path)
         self._register()
 
     def _register(self) -> None:
@@ -183,13 +197,19 @@ class FusedCache:
         reuse = decide(signal, st.prev_signal, st.scalars, st.config, st.log, st.partials, st.ticket)
         if torch.is_grad_enabled():
             return self._run_differentiable(reuse, streams, st.residuals, full)
-        if torch.compiler.is_compiling() or self.eager_branch == "cond":
+        compiling = torch.compiler.is_compiling()
+        if compiling and self.compiled_branch == "split":
+            if _read_flag(self, reuse):  # graph break: the graphs on either side are CUDA-graph capturable
+                outs = tuple(_empty(s) for s in streams)
+            else:
+                outs = tuple(out.contiguous() for out in full(*streams))
+        elif compiling or self.eager_branch == "cond":
             operands = streams
             if self.streams_alias:  # one copy of each later stream (the text stream: small) per call
                 operands = (streams[0], *(o.clone() for o in streams[1:]))
             reused = lambda *ops: tuple(_empty(o) for o in ops)  # noqa: E731 (apply_residual_ fills them)
             outs = torch.cond(reuse, reused, _fresh_outputs(full), operands)
-        elif reuse.item():  # host-ok: eager has to know on the host whether to launch the blocks
+        elif _read_flag(self, reuse):  # eager has to know on the host whether to launch the blocks
             outs = tuple(_empty(s) for s in streams)
         else:
             outs = tuple(out.contiguous() for out in full(*streams))

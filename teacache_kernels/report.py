@@ -40,6 +40,8 @@ class Summary:
     calls: int  # since enabled, all contexts
     reused: int
     memory_bytes: int = 0  # device memory of every context's state (also those not called this generation)
+    branch: str = "python"  # how a compiled call branches: "cond" (torch.cond) or "split" (a host read between graphs)
+    host_reads: int = 0  # decisions this package read on the host (eager calls and the split path), since enabled
 
     @classmethod
     def of(cls, inst) -> "Summary":
@@ -57,6 +59,8 @@ class Summary:
             calls=sum(h[1] for h in history.values()),
             reused=sum(h[2] for h in history.values()),
             memory_bytes=sum(h[3] for h in history.values()),
+            branch=getattr(inst.cache, "compiled_branch", "python"),
+            host_reads=getattr(inst.cache, "host_reads", 0),
         )
 
     def __str__(self) -> str:
@@ -75,7 +79,7 @@ class Summary:
             )
         lines.append(
             f"  since enabled: {self.calls} calls, {self.reused} reused ({100.0 * self.reused / max(self.calls, 1):.0f}%); "
-            f"cache memory {_size(self.memory_bytes)}"
+            f"cache memory {_size(self.memory_bytes)}; compiled branch {self.branch!r}, {self.host_reads} host reads"
         )
         return "\n".join(lines)
 
@@ -99,6 +103,8 @@ class Summary:
             "calls": self.calls,
             "reused": self.reused,
             "memory_bytes": self.memory_bytes,
+            "branch": self.branch,
+            "host_reads": self.host_reads,
             "contexts": {
                 n: {"schedule": c.schedule, "calls": c.calls, "reused": c.reused, "memory_bytes": c.memory_bytes,
                     "steps": [s.__dict__ for s in c.steps]}  # fmt: skip

@@ -148,6 +148,11 @@ class ContextState:
         self.log = torch.full((log_capacity(config), LOG_WIDTH), float("nan"), **f64)
         self.partials = torch.zeros(2 * MAX_PROGRAMS, dtype=torch.float32, device=device)
         self.ticket = torch.zeros(1, dtype=torch.int32, device=device)
+        # Fixed addresses, mutated in place by the graphs that read them: static inputs to torch.compile (as
+        # parameters are), which CUDA-graph trees require of a mutated input. Unguarded: another context's
+        # buffers of the same layout do not recompile.
+        for t in (self.prev_signal, *self.residuals, self.scalars, self.config, self.log, self.partials, self.ticket):
+            torch._dynamo.mark_static_address(t, guard=False)
 
     @property
     def memory_bytes(self) -> int:
@@ -166,6 +171,7 @@ class ContextState:
         config = config.for_sequence(self.seq_len)
         if self.log.shape[0] < log_capacity(config):
             self.log = torch.full((log_capacity(config), LOG_WIDTH), float("nan"), dtype=torch.float64, device=self.log.device)
+            torch._dynamo.mark_static_address(self.log, guard=False)
             self.scalars[LOGGED] = 0.0
         self.config.copy_(torch.tensor(config_values(config), dtype=torch.float64))
         self.steps = config.num_inference_steps

@@ -123,3 +123,29 @@ def test_family_pipeline_on_gpu_matches_reference(family, compiled):
     ref, ref_sched = run(True)
     assert sched == ref_sched
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)  # TF32/SDPA kernels may differ in the last bits
+
+
+def test_split_path_is_cuda_graphed_without_skips():
+    """tk.compile(mode="reduce-overhead"): every graph of the split path captured by CUDA-graph trees (no cudagraph
+    skip; cudagraph_or_error turns any into an error), schedules equal the eager reference's, one host read per call.
+    (Written without a GPU at hand; run it whenever one is lent.)"""
+    from torch._dynamo.utils import counters
+
+    shape = TinyFluxShape()
+    latents, cond = flux_inputs(shape, device="cuda")
+    _, negative = flux_inputs(shape, seed=7, device="cuda")
+    model, ref = tiny_flux_transformer(shape).cuda(), tiny_flux_transformer(shape).cuda()
+    for m, reference in ((model, False), (ref, True)):
+        tk.enable_teacache(m, num_inference_steps=8, rel_l1_thresh=0.6, reference=reference)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = tk.compile(model, mode="reduce-overhead")
+    with torch._inductor.config.patch({"triton.cudagraph_or_error": True}):
+        for _ in range(3):  # warm-up, record, replay
+            tk.reset_teacache(model)
+            out = flow_matching_loop(compiled, latents, cond, 8, negative=negative, cfg_scale=3.0)
+    expected = flow_matching_loop(ref, latents, cond, 8, negative=negative, cfg_scale=3.0)
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert {n: c.schedule for n, c in tk.summary(model).contexts.items()} == {n: c.schedule for n, c in tk.summary(ref).contexts.items()}
+    assert tk.summary(model).host_reads == 3 * 16
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
