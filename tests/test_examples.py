@@ -1,4 +1,4 @@
-"""The runnable examples python/qwen_image.py, lumina2.py, cogvideox.py and mochi.py, run as a user runs them.
+"""The runnable examples in python/ (one per family, `SCRIPTS` below), run as a user runs them.
 
 Each runs `--tiny` in a subprocess (the random-weight pipelines of teacache_kernels.tiny_families on the CPU:
 eager here, compiled in the slow tests) and writes run.json; the real checkpoints are not run by any test.
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from teacache_kernels.coefficients import PUBLISHED
 from teacache_kernels.tiny_families import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +52,9 @@ def check_record(record, out, script, *, compiled, coefficients=None, both=True)
     assert set(summary["contexts"]) == set(TINY[family].contexts)
     for name, context in summary["contexts"].items():
         schedule = context["schedule"]
-        assert len(schedule) == 8 and schedule[0] == schedule[-1] == "C", (name, schedule)  # first, last forced
+        assert len(schedule) == 8 and schedule[0] == "C", (name, schedule)  # the first call is forced
+        if PUBLISHED[summary["coefficients"]].cooldown_steps:  # and the last, where the set's original forces it
+            assert schedule[-1] == "C", (name, schedule)
         if both:  # the tiny model at the set's default threshold computes some calls and reuses others
             assert "R" in schedule, (name, schedule)
     # The cached output stays close to the uncached one (random tiny weights: a mechanics check, not quality).
