@@ -66,8 +66,9 @@ def _prepare_while_tracing(ctx) -> None:
 
     It allocates the active context's buffers for real, now, so the graph being traced reads buffers that
     already exist: the first compiled call compiles once (not allocate-then-steady-state), and nothing
-    about the allocation is guarded. A later call with another layout fails the buffers' shape guards,
-    which traces again and so allocates again here.
+    about the allocation is guarded. A call with another layout (batch size, resolution) traces again (its
+    inputs' shapes changed) and allocates that layout's state here, once; earlier layouts' states are kept, so
+    going back to one finds its graph and its buffers as they were: no recompile.
     """
     cache = _LIVE[ctx.get_local("key").as_python_constant()]
     signal = ctx.get_local("signal").as_fake()
@@ -77,7 +78,9 @@ def _prepare_while_tracing(ctx) -> None:
         tuple(tuple(_concrete(d) for d in s.shape) for s in streams), tuple(s.dtype for s in streams),
         signal.device,
     )  # fmt: skip
-    cache.prepare(layout, ctx.get_local("state_key").as_python_constant())
+    symbolic = any(isinstance(d, torch.SymInt) for t in (signal, *streams) for d in t.shape)
+    key = None if symbolic else S.layout_key(layout)  # as run() computes it from the traced shapes
+    cache.prepare(layout, ctx.get_local("state_key").as_python_constant(), key)
     # torch.cond refuses operands that alias each other (CogVideoX's two streams are views of one tensor):
     # run() reads this, as a constant of the trace, and then hands the branches copies of the later streams.
     storages = [s.untyped_storage()._cdata for s in streams]
@@ -125,10 +128,17 @@ class FusedCache:
         new._register()  # its own key: a compiled copy must find its own state
         return new
 
-    def prepare(self, layout: tuple, state_key: str | None = None) -> None:
-        """Allocate the active context's buffers for `layout` (`state.layout_of`) unless they already fit it."""
-        st = self._active.state_for(state_key)
-        if st.layout != layout:  # first call, or a new shape/dtype/device: fresh state
+    def prepare(self, layout: tuple, state_key: str | None = None, layout_key: tuple | None | str = "") -> None:
+        """Allocate the active context's buffers for `layout` (`state.layout_of`) unless they already fit it.
+
+        Each layout (shapes) of a context has a state of its own, kept: a batch size or resolution seen before
+        finds its buffers. The same shapes in another dtype or on another device reallocate (fresh state)."""
+        key = S.layout_key(layout) if layout_key == "" else layout_key  # None: symbolic sizes (see run)
+        base = self._active.state_for(state_key)
+        if base.allocated and key not in (None, base.layout_key) and key not in base.layouts and base.never_called():
+            base.allocate_layout(layout, self.config)  # activate()'s guess of this context's layout was wrong: take it over
+        st = base.for_layout(key)
+        if st.layout != layout:  # first call of this layout, or a new dtype/device: fresh state
             st.allocate_layout(layout, self.config)
 
     @property
@@ -193,7 +203,9 @@ class FusedCache:
             comptime(_prepare_while_tracing)
         else:
             self.prepare(S.layout_of(signal, streams), state_key)
-        st = self._active if state_key is None else self._active.keyed[state_key]
+        st = (self._active if state_key is None else self._active.keyed[state_key]).for_layout(
+            S.layout_key(S.layout_of(signal, streams))
+        )
         reuse = decide(signal, st.prev_signal, st.scalars, st.config, st.log, st.partials, st.ticket)
         if torch.is_grad_enabled():
             return self._run_differentiable(reuse, streams, st.residuals, full)

@@ -35,6 +35,10 @@ from .models import ModelFamily
 # - specialize_float: torch 2.13's torch.cond takes no symbolic float among its operands, and with
 #   dynamic=True Dynamo turns every float attribute a block reads (LayerNorm's eps...) into one; the default
 #   dynamic=None specializes them anyway.
+# - automatic_dynamic_shapes off: a call with a new batch size or resolution compiles a static graph of its own,
+#   once, reading that layout's state (cached_forward: a state per layout, kept); Dynamo's default would switch to
+#   a dynamic graph whose buffers are the last layout's, recompiling at every later size change. An explicit
+#   `dynamic=True` still compiles one dynamic graph.
 # - a family's own `dynamo_config` (Mochi: capture_dynamic_output_shape_ops, since its attention calls
 #   torch.nonzero inside the branch, which torch.cond cannot leave; fullgraph=True turns it on anyway).
 _held: dict[str, list] = {}  # setting -> [holders, value before the first hold]
@@ -57,7 +61,7 @@ def _release_dynamo_config(settings: dict) -> None:
 
 
 def _dynamo_settings(family: ModelFamily) -> dict:
-    return {"specialize_float": True, **family.dynamo_config}
+    return {"specialize_float": True, "automatic_dynamic_shapes": False, **family.dynamo_config}
 
 
 @dataclass

@@ -46,7 +46,7 @@ import torch
 
 from .coefficients import polyval
 from .config import ResolvedConfig
-from .state import sequence_length
+from .state import layout_key, layout_name, sequence_length
 
 
 @dataclass(frozen=True)
@@ -135,12 +135,17 @@ class ReferenceCache:
         self.contexts: dict[str, TeaCacheOracle] = {"default": TeaCacheOracle(config)}
         self.residuals: dict[str, tuple[torch.Tensor, ...]] = {}  # per context, one per cached stream
         self._layouts: dict[str, tuple] = {}
+        self._first_layout: dict[str, tuple] = {}  # context (and state key) -> the shapes of its first call
         self.active = "default"
 
     def activate(self, name: str) -> str:
         previous = self.active
         if name not in self.contexts:
             self.contexts[name] = TeaCacheOracle(self.config)
+            # As FusedCache.activate: a new context starts with the layout the contexts before it have.
+            known = [shapes for context, shapes in self._first_layout.items() if "/" not in context]
+            if known:
+                self._first_layout[name] = known[-1]
         self.active = name
         return previous
 
@@ -158,7 +163,7 @@ class ReferenceCache:
     def at_step(self, step: int) -> None:
         """The active context's next call is call `step` of its generation (0: a new generation starts)."""
         for name, oracle in self.contexts.items():
-            if name != self.active and not name.startswith(f"{self.active}/"):
+            if name != self.active and not name.startswith((f"{self.active}/", f"{self.active}@")):
                 continue
             n = oracle.config.num_inference_steps
             if step < 0 or (n and step >= n):
@@ -180,10 +185,18 @@ class ReferenceCache:
         """
         streams = tuple(streams)
         name = self.active if state_key is None else (state_key if self.active == "default" else f"{self.active}/{state_key}")
+        # One oracle per layout (shapes) of the context, as FusedCache keeps a state per layout: the first layout
+        # under the context's own name, each other one under "<name>@<shapes>".
+        shapes = layout_key((tuple(signal.shape), None, tuple(tuple(s.shape) for s in streams), None, None))
+        first = self._first_layout.setdefault(name, shapes)
+        if shapes != first and not self.contexts[name].calls and f"{name}@{layout_name(shapes)}" not in self.contexts:
+            first = self._first_layout[name] = shapes  # activate()'s guess of the layout, never called: take it over
+        if shapes != first:
+            name = f"{name}@{layout_name(shapes)}"
         if name not in self.contexts:
             self.contexts[name] = TeaCacheOracle(self.config)
         layout = (signal.shape, signal.dtype, [(s.shape, s.dtype) for s in streams], sequence_length(streams[0]))
-        if self._layouts.get(name) != layout:  # first call, new shape or dtype: start over, as FusedCache does
+        if self._layouts.get(name) != layout:  # first call of the layout, or a new dtype: start over, as FusedCache
             if name in self._layouts:
                 self.contexts[name] = TeaCacheOracle(self.config)
             self.contexts[name].config = self.config.for_sequence(layout[-1])

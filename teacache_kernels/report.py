@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -55,7 +56,7 @@ class Summary:
             coefficients=cfg.coefficient_set
             or (f"calibrated for {cfg.calibrated_model!r}" if cfg.calibrated else str(list(cfg.coefficients))),
             rel_l1_thresh=cfg.rel_l1_thresh,
-            contexts={name: ContextSummary(name, *h) for name, h in history.items() if h[0]},
+            contexts=_by_context({name: ContextSummary(name, *h) for name, h in history.items() if h[0]}),
             calls=sum(h[1] for h in history.values()),
             reused=sum(h[2] for h in history.values()),
             memory_bytes=sum(h[3] for h in history.values()),
@@ -141,6 +142,19 @@ class StagedSummary:
 
     def as_dict(self) -> dict:
         return {"stages": {stage: s.as_dict() for stage, s in self.stages.items()}}
+
+
+def _by_context(contexts: dict[str, ContextSummary]) -> dict[str, ContextSummary]:
+    """A context's states for other layouts are named "<context>@<shapes>" (cached_forward keeps a state per
+    batch size or resolution). Where only one state of a context has calls to show, it goes by the context's name."""
+    bases = [name.split("@")[0] for name in contexts]
+    out = {}
+    for name, c in contexts.items():
+        base = name.split("@")[0]
+        if "@" in name and bases.count(base) == 1:
+            c = dataclasses.replace(c, name=base)
+        out[c.name] = c
+    return out
 
 
 def _size(nbytes: int) -> str:

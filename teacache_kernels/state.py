@@ -93,6 +93,22 @@ def layout_of(signal: torch.Tensor, streams: Sequence[torch.Tensor]) -> tuple:
     )  # fmt: skip
 
 
+def layout_key(layout: tuple) -> tuple | None:
+    """What tells a layout's state apart (`layout_of`): its shapes, a tuple of tuples of ints. None when a size is
+    symbolic (torch.compile with dynamic shapes: one state serves every size). Plain ints: a constant under
+    static-shape compile, so selecting a layout's state adds no graph input."""
+    signal_shape, _, stream_shapes, _, _ = layout
+    shapes = (tuple(signal_shape), *(tuple(shape) for shape in stream_shapes))
+    if not all(isinstance(d, int) for shape in shapes for d in shape):
+        return None
+    return shapes
+
+
+def layout_name(key: tuple) -> str:
+    """A layout key as summaries show it, e.g. "1x4096x3072|1x4096x3072"."""
+    return "|".join("x".join(str(d) for d in shape) for shape in key)
+
+
 class ContextState:
     """One CFG context's buffers, allocated by `allocate()` for a signal and its cached streams."""
 
@@ -111,6 +127,11 @@ class ContextState:
         # States of this context keyed by a family's `state_key` (Lumina2: the joint sequence length, as its
         # original keys them), each a full ContextState of its own.
         self.keyed: dict[str, ContextState] = {}
+        # States of this context for the other layouts it has been called with (a batch size or resolution seen
+        # before its current one), by `layout_key`: switching back and forth reuses their buffers, so a compiled
+        # graph of each layout keeps reading buffers that exist (no recompile), and each layout keeps its own count.
+        self.layout_key: tuple | None = None  # the key of `layout`, set when allocated
+        self.layouts: dict[tuple, ContextState] = {}
 
     def state_for(self, key: str | None) -> "ContextState":
         """This state (key None) or its sub-state for `key`, created empty on first use."""
@@ -120,8 +141,17 @@ class ContextState:
             self.keyed[key] = ContextState(key if self.name == "default" else f"{self.name}/{key}")
         return self.keyed[key]
 
+    def for_layout(self, key: tuple | None) -> "ContextState":
+        """The state for calls of layout `key` (`layout_key`): this one for its own (or first) layout, else a
+        sub-state of its own, created empty on first use. None (dynamic shapes): this one."""
+        if key is None or self.layout_key is None or self.layout_key == key:
+            return self
+        if key not in self.layouts:
+            self.layouts[key] = ContextState(f"{self.name}@{layout_name(key)}")
+        return self.layouts[key]
+
     def all_states(self) -> list["ContextState"]:
-        return [self, *self.keyed.values()]
+        return [s for st in (self, *self.keyed.values()) for s in (st, *st.layouts.values())]
 
     @property
     def residual(self) -> torch.Tensor | None:
@@ -136,6 +166,7 @@ class ContextState:
         """Fresh buffers for `layout` (see `layout_of`), state at the start of a generation, lifetime counts at 0."""
         signal_shape, signal_dtype, stream_shapes, stream_dtypes, device = layout
         self.layout = layout
+        self.layout_key = layout_key(layout)
         # int() of a symbolic size would specialize it: read the length only where calibrated sets need it.
         self.seq_len = sequence_length(stream_shapes[0]) if config.calibrated else None
         config = config.for_sequence(self.seq_len)
@@ -153,6 +184,10 @@ class ContextState:
         # buffers of the same layout do not recompile.
         for t in (self.prev_signal, *self.residuals, self.scalars, self.config, self.log, self.partials, self.ticket):
             torch._dynamo.mark_static_address(t, guard=False)
+
+    def never_called(self) -> bool:
+        """No call has run on this state's buffers yet. Reads the device: only when a new layout shows up."""
+        return self.scalars[CALLS].item() == 0  # host-ok: once per new layout, off the per-step path
 
     @property
     def memory_bytes(self) -> int:

@@ -299,12 +299,13 @@ def test_a_cache_applied_by_a_diffusers_hook_function_is_refused_naming_both():
 
 
 def test_dynamo_settings_are_held_while_enabled_and_restored():
-    """specialize_float (dynamic=True and torch.cond) is set while any model is enabled, then put back."""
+    """specialize_float (dynamic=True and torch.cond) and automatic_dynamic_shapes off (a state per shape) are set
+    while any model is enabled, then put back."""
     config = torch._dynamo.config
-    before = config.specialize_float
+    before = (config.specialize_float, config.automatic_dynamic_shapes)
     first, second = pair()[1], pair()[1]
-    assert config.specialize_float is True
+    assert (config.specialize_float, config.automatic_dynamic_shapes) == (True, False)
     tk.disable_teacache(first)
-    assert config.specialize_float is True  # the second still holds it
+    assert (config.specialize_float, config.automatic_dynamic_shapes) == (True, False)  # the second still holds them
     tk.disable_teacache(second)
-    assert config.specialize_float == before
+    assert (config.specialize_float, config.automatic_dynamic_shapes) == before

@@ -220,19 +220,27 @@ def test_summary_reports_each_call(inputs):
     assert summary.as_dict()["contexts"]["cond"]["schedule"] == summary.contexts["cond"].schedule
 
 
-def test_shape_change_mid_generation_starts_over_in_both_implementations():
+def test_a_new_shape_mid_generation_gets_its_own_state_in_both_implementations():
+    """5 calls into a 20-call generation, then another resolution for 20 calls, then the first again: each shape has
+    its own state (under compile, each its own graph and buffers: switching never recompiles). The new shape's
+    starts fresh; the first shape's picks up where it was (call 6 of its generation). Fused == reference."""
     small = TinyFluxShape(height=8, width=8)
-    schedules_by_impl = {}
+    runs = {}
     for reference in (False, True):
         model = tiny_flux_transformer(SHAPE)
         tk.enable_teacache(model, rel_l1_thresh=0.6, num_inference_steps=STEPS, reference=reference)
         latents, cond = flux_inputs(SHAPE)
-        flow_matching_loop(model, latents, cond, 5)  # 5 calls into a 20-call generation, then a new size
-        latents, cond = flux_inputs(small)
-        flow_matching_loop(model, latents, cond, STEPS)
-        schedules_by_impl[reference] = tk.summary(model).contexts["cond"].schedule
-    assert schedules_by_impl[False] == schedules_by_impl[True]
-    assert schedules_by_impl[False][0] == "C" and len(schedules_by_impl[False]) == STEPS
+        flow_matching_loop(model, latents, cond, 5)
+        small_latents, small_cond = flux_inputs(small)
+        out = flow_matching_loop(model, small_latents, small_cond, STEPS)
+        flow_matching_loop(model, latents, cond, 3)
+        runs[reference] = out, {n: c.schedule for n, c in tk.summary(model).contexts.items()}
+    (out, ours), (expected, theirs) = runs[False], runs[True]
+    assert ours == theirs and torch.equal(out, expected)
+    other = next(name for name in ours if name.startswith("cond@"))
+    assert other == "cond@1x16x64|1x16x64" or "x" in other.split("@")[1]  # named by its shapes
+    assert ours[other][0] == "C" and len(ours[other]) == STEPS  # fresh, a whole generation
+    assert len(ours["cond"]) == 8 and "R" in ours["cond"]  # 5 + 3 calls of one generation
 
 
 def test_summary_table_names_unknown_contexts(inputs):
