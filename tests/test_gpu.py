@@ -149,3 +149,40 @@ def test_split_path_is_cuda_graphed_without_skips():
     assert {n: c.schedule for n, c in tk.summary(model).contexts.items()} == {n: c.schedule for n, c in tk.summary(ref).contexts.items()}
     assert tk.summary(model).host_reads == 3 * 16
     torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_a_model_moved_to_the_gpu_after_enabling_starts_its_state_there():
+    """Enabled and run on the CPU, then `.to("cuda")`: the next call's signal is on another device, so its state is
+    allocated afresh there; the generation equals a model moved first and enabled after (fault matrix, GPU half)."""
+    shape = TinyFluxShape()
+    latents, cond = flux_inputs(shape)
+    moved, first = tiny_flux_transformer(shape), tiny_flux_transformer(shape).cuda()
+    for m in (moved, first):
+        tk.enable_teacache(m, num_inference_steps=8, rel_l1_thresh=0.6)
+    flow_matching_loop(moved, latents, cond, 8)
+    moved.cuda()
+    tk.reset_teacache(moved)
+    cuda_latents, cuda_cond = latents.cuda(), {k: v.cuda() for k, v in cond.items()}
+    out = flow_matching_loop(moved, cuda_latents, cuda_cond, 8)
+    assert moved._teacache.cache.contexts["cond"].residual.device.type == "cuda"
+    torch.testing.assert_close(out, flow_matching_loop(first, cuda_latents, cuda_cond, 8), rtol=0, atol=0)
+
+
+def test_sequential_cpu_offload_while_enabled():
+    """`enable_sequential_cpu_offload` (accelerate hooks on every leaf module) with TeaCache on: threshold 0 equals the
+    plain offloaded pipeline, and a threshold reuses. (On CPU diffusers' sequential offload itself fails.)"""
+    from teacache_kernels.tiny_models import tiny_flux_pipeline, tiny_flux_prompt
+
+    def generate(pipe):
+        return pipe(**tiny_flux_prompt(), num_inference_steps=8, height=32, width=32, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+    plain, zero, cached = tiny_flux_pipeline(), tiny_flux_pipeline(), tiny_flux_pipeline()
+    tk.enable_teacache(zero, rel_l1_thresh=0.0)
+    tk.enable_teacache(cached, rel_l1_thresh=0.6)
+    for pipe in (plain, zero, cached):
+        pipe.set_progress_bar_config(disable=True)
+        pipe.enable_sequential_cpu_offload()
+    assert torch.equal(generate(zero), generate(plain))
+    generate(cached)
+    assert "R" in tk.summary(cached).contexts["cond"].schedule
