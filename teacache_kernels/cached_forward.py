@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import itertools
 import weakref
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch._dynamo.comptime import comptime
@@ -49,6 +49,8 @@ def _fresh_outputs(full: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[..
 
     return branch
 
+
+_FROM_LAYOUT = object()  # prepare()'s default: the layout key is the layout's own (`state.layout_key`)
 
 # FusedCache objects by key: how the trace-time allocation below finds the cache of the call being traced
 # (a string local is a constant to Dynamo, whatever the dynamic-shape settings; an object is not).
@@ -128,12 +130,12 @@ class FusedCache:
         new._register()  # its own key: a compiled copy must find its own state
         return new
 
-    def prepare(self, layout: tuple, state_key: str | None = None, layout_key: tuple | None | str = "") -> None:
+    def prepare(self, layout: tuple, state_key: str | None = None, layout_key: Any = _FROM_LAYOUT) -> None:
         """Allocate the active context's buffers for `layout` (`state.layout_of`) unless they already fit it.
 
         Each layout (shapes) of a context has a state of its own, kept: a batch size or resolution seen before
         finds its buffers. The same shapes in another dtype or on another device reallocate (fresh state)."""
-        key = S.layout_key(layout) if layout_key == "" else layout_key  # None: symbolic sizes (see run)
+        key = S.layout_key(layout) if layout_key is _FROM_LAYOUT else layout_key  # None: symbolic sizes (see run)
         base = self._active.state_for(state_key)
         if base.allocated and key not in (None, base.layout_key) and key not in base.layouts and base.never_called():
             base.allocate_layout(layout, self.config)  # activate()'s guess of this context's layout was wrong: take it over
