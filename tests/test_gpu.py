@@ -101,14 +101,15 @@ def test_flux_on_gpu_matches_reference(compiled):
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("family", ["qwen-image", "lumina2", "cogvideox", "mochi"])
+@pytest.mark.parametrize("family", ["qwen-image", "lumina2", "cogvideox", "mochi", "hunyuan-video", "ltx-video", "hidream", "wan"])
 def test_family_pipeline_on_gpu_matches_reference(family, compiled):
     """Each new family's tiny pipeline on CUDA: the Triton kernels inside the span, against the oracle.
     (Written without a GPU at hand; run it whenever one is lent.)"""
     from teacache_kernels.tiny_families import TINY
 
     fam, steps = TINY[family], 8
-    case = {"cogvideox": dict(rel_l1_thresh=1.2, coefficients=[1.0, 0.0])}.get(family, dict(rel_l1_thresh=0.3))
+    case = {"cogvideox": dict(rel_l1_thresh=1.2, coefficients=[1.0, 0.0]),
+            "wan": dict(rel_l1_thresh=0.2, coefficients="wan2.1-i2v-14b-480p")}.get(family, dict(rel_l1_thresh=0.3))  # fmt: skip
 
     def run(reference):
         pipe = fam.pipeline().to("cuda")
