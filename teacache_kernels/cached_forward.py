@@ -130,8 +130,8 @@ class FusedCache:
         new._register()  # its own key: a compiled copy must find its own state
         return new
 
-    def prepare(self, layout: tuple, state_key: str | None = None, layout_key: Any = _FROM_LAYOUT) -> None:
-        """Allocate the active context's buffers for `layout` (`state.layout_of`) unless they already fit it.
+    def prepare(self, layout: tuple, state_key: str | None = None, layout_key: Any = _FROM_LAYOUT) -> S.ContextState:
+        """The active context's state for `layout` (`state.layout_of`), its buffers allocated unless they fit it.
 
         Each layout (shapes) of a context has a state of its own, kept: a batch size or resolution seen before
         finds its buffers. The same shapes in another dtype or on another device reallocate (fresh state)."""
@@ -142,6 +142,7 @@ class FusedCache:
         st = base.for_layout(key)
         if st.layout != layout:  # first call of this layout, or a new dtype/device: fresh state
             st.allocate_layout(layout, self.config)
+        return st
 
     @property
     def active(self) -> str:
@@ -202,12 +203,10 @@ class FusedCache:
         """
         streams, key = tuple(streams), self.key  # noqa: F841 (key: read by _prepare_while_tracing)
         if torch.compiler.is_compiling():
-            comptime(_prepare_while_tracing)
+            comptime(_prepare_while_tracing)  # allocates for real at trace time; the graph looks the state up
+            st = self._active.state_for(state_key).for_layout(S.layout_key(S.layout_of(signal, streams)))
         else:
-            self.prepare(S.layout_of(signal, streams), state_key)
-        st = (self._active if state_key is None else self._active.keyed[state_key]).for_layout(
-            S.layout_key(S.layout_of(signal, streams))
-        )
+            st = self.prepare(S.layout_of(signal, streams), state_key)
         reuse = decide(signal, st.prev_signal, st.scalars, st.config, st.log, st.partials, st.ticket)
         if torch.is_grad_enabled():
             return self._run_differentiable(reuse, streams, st.residuals, full)

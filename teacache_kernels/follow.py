@@ -85,8 +85,8 @@ def stage_steps(inst) -> tuple[int, int]:
     if inst.stage is None:
         return 0, len(timesteps)
     boundary = inst.pipeline.config.boundary_ratio * scheduler.config.num_train_timesteps
-    # host-ok: once per generation, when the pipeline sets the timesteps (never on the per-step path)
-    high = int((timesteps >= boundary).sum().item())
+    # Once per generation, when the pipeline sets the timesteps (never on the per-step path).
+    high = int((timesteps >= boundary).sum().item())  # host-ok
     return (0, high) if inst.stage == "high" else (high, len(timesteps) - high)
 
 

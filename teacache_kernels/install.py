@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from .block_list import YIELDS, CachedBlockList, cached_class, pass_through_class
-from .follow import unfollow
+from .follow import unfollow, with_steps
 from .models import ModelFamily
 
 # Dynamo settings held while any model has TeaCache on, each restored when the last holder is disabled:
@@ -106,7 +105,7 @@ class Installation:
             try:
                 steps = kwargs.get("num_inference_steps")
                 if steps is not None and self.pipeline is None and steps != self.cache.config.num_inference_steps:
-                    self.cache.set_config(dataclasses.replace(self.cache.config, num_inference_steps=int(steps)))
+                    self.cache.set_config(with_steps(self.cache.config, int(steps)))
                 if kwargs.get("step_index") is not None:
                     self.cache.at_step(int(kwargs["step_index"]) - self.step_offset)
                 yield

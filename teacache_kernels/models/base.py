@@ -149,22 +149,36 @@ class BlockSpan(nn.Module):
         self.names = parameter_names(self.first_block)
         self.captured: dict[str, torch.Tensor] = {}  # family.captures of this transformer call (install's hooks)
 
-    def forward(self, *args, **kwargs):
-        family = self.family
+    def bind(self, args: tuple, kwargs: dict) -> dict:
+        """Block 0's parameter names -> this call's arguments (positional ones included)."""
         call = dict(zip(self.names, args))
         call.update(kwargs)
-        missing = [s for s in family.streams if s not in call]
+        missing = [s for s in self.family.streams if s not in call]
         if missing:
-            raise TypeError(f"TeaCache's {family.name} span was called without the stream(s) {missing}")
+            raise TypeError(f"TeaCache's {self.family.name} span was called without the stream(s) {missing}")
+        return call
+
+    def take_captures(self) -> dict:
+        """This call's `family.captures`, taken (not read: a later call cannot see this call's tensors)."""
         captured = {}
-        for name in family.captures:  # taken, not read: a later call cannot see this call's tensor
+        for name, (path, _) in self.family.captures.items():
             if name not in self.captured:
-                raise RuntimeError(f"TeaCache's {family.name} span: {family.captures[name][0]} did not run before the blocks")
+                raise RuntimeError(f"TeaCache's {self.family.name} span: {path} did not run before the blocks")
             captured[name] = self.captured.pop(name)
-        # The cache's signal name (a plain string: static under compile) picks the function; a name this
-        # family does not define (the config's default) means the family's first.
+        return captured
+
+    def signal(self, call: dict) -> torch.Tensor:
+        """The signal the cache compares. The cache's signal name (a plain string: static under compile) picks the
+        function; a name this family does not define (the config's default) means the family's first."""
+        family = self.family
         signal_fn = family.signals.get(self.cache.signal) or next(iter(family.signals.values()))
-        signal = signal_fn(self.first_block, {**call, **captured} if captured else call)
+        return signal_fn(self.first_block, call)
+
+    def forward(self, *args, **kwargs):
+        family = self.family
+        call = self.bind(args, kwargs)
+        captured = self.take_captures()
+        signal = self.signal({**call, **captured} if captured else call)
         streams_in = tuple(call[s] for s in family.cached)
         # The branch reads the cached streams only through its operands: a closure over them would hand
         # torch.cond the same tensors twice (aliased inputs, which it refuses).

@@ -50,14 +50,9 @@ class HiDreamSpan(BlockSpan):
     """Both block lists as one cached unit, with diffusers' per-block Llama states and glue between the lists."""
 
     def forward(self, *args, **kwargs):
-        family = self.family
-        call = dict(zip(self.names, args))
-        call.update(kwargs)
-        for name in family.captures:  # taken, not read: a later call cannot see this call's tensors
-            if name not in self.captured:
-                raise RuntimeError(f"TeaCache's {family.name} span: {family.captures[name][0]} did not run before the blocks")
-            call[name] = self.captured.pop(name)
-        signal = (family.signals.get(self.cache.signal) or next(iter(family.signals.values())))(self.first_block, call)
+        call = self.bind(args, kwargs)
+        call.update(self.take_captures())
+        signal = self.signal(call)
         double, single = (list(original_blocks(blocks)) for blocks in self.block_lists)
         llama = call[LLAMA][: len(double) + len(single)]  # the last projection is T5's, already in the text
         text, masks, temb, rope = (call[k] for k in ("encoder_hidden_states", "hidden_states_masks", "temb", "image_rotary_emb"))

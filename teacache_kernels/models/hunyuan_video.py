@@ -70,8 +70,7 @@ class HunyuanVideoSpan(BlockSpan):
         super().__init__(*block_lists, **kwargs)
 
     def forward(self, *args, **kwargs):
-        call = dict(zip(self.names, args))
-        call.update(kwargs)
+        call = self.bind(args, kwargs)
         rotary = next((call[n] for n in _ROTARY_NAMES if n in call), None)
         for name in _ROTARY_NAMES:
             call.setdefault(name, rotary)
