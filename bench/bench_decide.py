@@ -10,6 +10,11 @@ Implementations, per call (one transformer step's decision):
   fused             teacache::decide: one launch, 2 reads + 1 write of the signal, no host sync
                     (Triton on a GPU; the torch path on CPU, op by op)
   fused, compiled   teacache::decide under torch.compile (on CPU: Inductor fuses the torch path into C++)
+  C++               teacache::decide with the C++ ops selected (csrc/, ops/cpp.py; built on first run,
+                    `--no-cpp` skips): one vectorized pass and the float64 decision in C++ on CPU, the
+                    CUDA kernel on a GPU where it was built. Timed through the package's op, as a model calls it.
+  C++, op alone     torch.ops.teacache_cpp.decide called directly: the same kernel without the
+                    teacache::decide wrapper's Python dispatch (tens of microseconds on CPU).
 
 GPU timing: CUDA events with a cold L2 (256 MiB flushed before each call) for the fused op; the
 reference is timed on the host with the device drained, since its `.item()` drains it anyway.
@@ -19,6 +24,7 @@ Results: a table on stdout and rows appended to bench/results/decide.csv, stampe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -31,6 +37,7 @@ import teacache_kernels  # noqa: E402,F401
 from teacache_kernels import state as S  # noqa: E402
 from teacache_kernels.coefficients import PUBLISHED, polyval  # noqa: E402
 from teacache_kernels.config import ResolvedConfig, TeaCacheConfig  # noqa: E402
+from teacache_kernels.ops import cpp  # noqa: E402
 from teacache_kernels.ops.decide import decide  # noqa: E402
 
 # Each family's signal at its typical resolution (bench/cache_memory.py derives the token counts): whole-sequence
@@ -62,7 +69,7 @@ def reference_step(signal: torch.Tensor, state: dict, coefficients) -> bool:
     return reuse
 
 
-def measure(shape, device, dtype, config, coefficients, compiled_decide, repeats):
+def measure(shape, device, dtype, config, coefficients, compiled_decide, repeats, with_cpp):
     """Median seconds per call of each implementation at one signal shape; bytes the fused op moves."""
     g = torch.Generator(device=device).manual_seed(0)
     signal = torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
@@ -75,8 +82,15 @@ def measure(shape, device, dtype, config, coefficients, compiled_decide, repeats
     time_ref = time_host_cuda if device == "cuda" else time_cpu
     timings = {"eager reference": time_ref(lambda: reference_step(signal, ref_state, coefficients), repeats)}
     with torch.no_grad():
-        timings["fused"] = time_fused(lambda: decide(signal, *buffers), repeats)
+        with cpp.enabled(False) if with_cpp else contextlib.nullcontext():  # the torch path / Triton, as without C++
+            timings["fused"] = time_fused(lambda: decide(signal, *buffers), repeats)
         timings["fused, compiled"] = time_fused(lambda: compiled_decide(signal, *buffers), repeats)
+        if with_cpp:
+            with cpp.enabled(True):
+                assert cpp.implementation(device) == "cpp"
+                timings["C++"] = time_fused(lambda: decide(signal, *buffers), repeats)
+            op = torch.ops.teacache_cpp.decide.default
+            timings["C++, op alone"] = time_fused(lambda: op(signal, *buffers), repeats)
     return timings, 3 * signal.numel() * signal.element_size(), signal.numel()  # reads signal + prev, writes prev
 
 
@@ -88,6 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="3 repeats, without the HunyuanVideo shape")
     p.add_argument("--no-csv", action="store_true")
     p.add_argument("--only", default=None, metavar="TEXT", help="only the shapes whose name contains TEXT")
+    p.add_argument("--no-cpp", action="store_true", help="without the C++ rows (which build csrc/ on first use)")
     args = p.parse_args(argv)
     device, dtype = args.device, getattr(torch, args.dtype)
     repeats = args.repeats or (3 if args.quick else (50 if device == "cuda" else 7))
@@ -99,11 +114,20 @@ def main(argv=None) -> int:
     config = ResolvedConfig.resolve(TeaCacheConfig(rel_l1_thresh=0.4, num_inference_steps=10**6), "flux")
     coefficients = PUBLISHED["flux"].coefficients
     compiled_decide = torch.compile(decide, fullgraph=True)
+    with_cpp = False
+    if not args.no_cpp:
+        try:
+            cpp.build()
+            with_cpp = cpp.available(device)
+        except Exception as e:  # no compiler here: the other rows still mean something
+            print(f"  (no C++ rows: {e})")
+        if not with_cpp:
+            print(f"  (no C++ rows: the C++ ops for {device} were not built)")
 
     rows = []
     for name, shape in shapes.items():
         print(f"  {name} ...", flush=True)
-        timings, nbytes, numel = measure(shape, device, dtype, config, coefficients, compiled_decide, repeats)
+        timings, nbytes, numel = measure(shape, device, dtype, config, coefficients, compiled_decide, repeats, with_cpp)
         t_ref = timings["eager reference"]
         for impl, t in timings.items():
             fused = impl != "eager reference"

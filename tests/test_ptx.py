@@ -53,8 +53,9 @@ def assert_no_local_memory(ptx, usage):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decide_kernel_machine_code(machine_code, dtype, arch):
-    ptx, usage = machine_code("decide", dtype, arch)
+@pytest.mark.parametrize("kernel", ["decide", "sums"])  # sums: decide's first half, for a signal split over ranks
+def test_decide_kernel_machine_code(machine_code, kernel, dtype, arch):
+    ptx, usage = machine_code(kernel, dtype, arch)
     assert count(ptx, V4_LOAD) >= 2, "signal / previous-signal loads are not 128-bit"
     assert count(ptx, V4_STORE) >= 1, "the prev_signal store is not 128-bit"
     atomics = re.findall(r"atom\.global[\w\.]*", ptx)
@@ -67,7 +68,18 @@ def test_decide_kernel_machine_code(machine_code, dtype, arch):
     tid = re.search(r"mov\.u32\s+(%r\d+), %tid\.x;", ptx).group(1)
     assert re.search(rf"setp\.eq\.[bsu]32\s+{pred}, {tid}, 0;", ptx), f"{pred} does not select thread 0"
     assert count(ptx, r"ld\.volatile\.global") >= 1, "the last program must read the partials volatile"
+    if kernel == "decide":
+        assert count(ptx, r"div\.rn\.f64") and count(ptx, r"(?:add|fma\.rn)\.f64"), "scalar math is not float64"
+    else:
+        assert count(ptx, r"st\.global\.b64") >= 3, "the three fp64 sums are not stored"
+    assert_no_local_memory(ptx, usage)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_finish_kernel_machine_code(machine_code, arch):
+    ptx, usage = machine_code("finish", "fp32", arch)  # no signal: one build serves every dtype
     assert count(ptx, r"div\.rn\.f64") and count(ptx, r"(?:add|fma\.rn)\.f64"), "scalar math is not float64"
+    assert not count(ptx, r"atom\.global"), "one program: no ticket"
     assert_no_local_memory(ptx, usage)
 
 

@@ -55,7 +55,24 @@ def compile_apply_residual(dtype: str, arch: int):
     return _compile(apply_residual._apply_residual_kernel, signature, constexprs, divisible, arch, apply_residual.NUM_WARPS)
 
 
-KERNELS = {"decide": compile_decide, "apply_residual": compile_apply_residual}
+def compile_sums(dtype: str, arch: int):
+    """The first half of decide for a signal split over ranks (context parallelism)."""
+    signature = {
+        "signal_ptr": f"*{dtype}", "prev_ptr": f"*{dtype}", "numel": "i32", "partials_ptr": "*fp32",
+        "ticket_ptr": "*i32", "sums_ptr": "*fp64",
+    }  # fmt: skip
+    constexprs = {"BLOCK": decide.BLOCK, "MAX_PROGRAMS": S.MAX_PROGRAMS}
+    return _compile(decide._sums_kernel, signature, constexprs, list(signature), arch, decide.NUM_WARPS)
+
+
+def compile_finish(dtype: str, arch: int):
+    """The second half: the state machine from the summed sums (no signal: the same code for every dtype)."""
+    signature = {"sums_ptr": "*fp64", "scalars_ptr": "*fp64", "config_ptr": "*fp64", "log_ptr": "*fp64", "log_capacity": "i32", "reuse_ptr": "*i1"}
+    divisible = [n for n in signature if n != "reuse_ptr"]
+    return _compile(decide._finish_kernel, signature, {"NUM_COEFFS": MAX_COEFFICIENTS}, divisible, arch, 1)
+
+
+KERNELS = {"decide": compile_decide, "apply_residual": compile_apply_residual, "sums": compile_sums, "finish": compile_finish}
 
 
 def resource_usage(cubin: Path) -> dict[str, int]:

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from . import cpp
 from ._backend import FLOATS, check_buffer, check_numel, use_triton
 
 BLOCK = 2048
@@ -66,6 +67,9 @@ def apply_residual_torch(reuse: torch.Tensor, x: torch.Tensor, out: torch.Tensor
 
 @triton_op("teacache::apply_residual", mutates_args={"out", "residual"})
 def _apply_residual(reuse: torch.Tensor, x: torch.Tensor, out: torch.Tensor, residual: torch.Tensor) -> None:
+    if cpp.serves(x):  # the optional C++ ops (ops/cpp.py): eager calls only, when built
+        cpp.apply_residual(reuse, x, out, residual)
+        return
     if not use_triton(x):
         apply_residual_torch(reuse, x, out, residual)
         return
@@ -88,4 +92,7 @@ def apply_residual_(reuse: torch.Tensor, x: torch.Tensor, out: torch.Tensor, res
     check_buffer("reuse", reuse, dtype=torch.bool, device=x.device, contiguous=False)
     if reuse.dim() != 0:
         raise ValueError(f"reuse must be a 0-d bool tensor, got shape {tuple(reuse.shape)}")
+    if cpp.serves(x):  # straight to the C++ op, as ops.decide does
+        cpp.apply_residual(reuse, x, out, residual)
+        return
     _apply_residual_op(reuse, x, out, residual)
