@@ -1,4 +1,5 @@
-"""Per-step latency of a compiled FLUX-shaped transformer: uncached, TeaCache on the torch.cond path, and on the split path.
+"""Per-step latency of a compiled FLUX-shaped transformer: uncached, TeaCache on the torch.cond path, the split path
+and the conditional (zero-sync) path.
 
     python bench/bench_cudagraphs.py                 # on a GPU: real widths (3072), a few blocks, 1024px tokens
     python bench/bench_cudagraphs.py --small         # a small latent, where launch overhead dominates
@@ -9,9 +10,11 @@ generation, after two untimed warm-up generations):
   uncached, mode          the plain transformer, compiled with `--mode` (reduce-overhead: CUDA graphs on a GPU)
   teacache cond           tk.compile(model): the torch.cond path, one graph (no CUDA graphs in torch 2.13)
   teacache split          tk.compile(model, mode=--mode): the split path, one host read per call
+  teacache conditional    tk.compile(model, mode="conditional"): each call one CUDA graph with a device-side IF node,
+                          no host read (needs CUDA >= 12.4, build and driver: skipped with the reason printed where
+                          it is unavailable, e.g. on CPU)
 at threshold 0 (every call computes: the caching overhead) and at a threshold that reuses about half the calls.
-The zero-sync path (CUDA-graph conditional nodes) does not exist yet. On CPU Inductor captures no CUDA graphs:
-the rows then compare the branch mechanisms only. Rows are appended to bench/results/cudagraphs.csv with the
+On CPU Inductor captures no CUDA graphs: the rows then compare the branch mechanisms only. Rows are appended to bench/results/cudagraphs.csv with the
 hardware named.
 """
 
@@ -78,12 +81,21 @@ def main(argv=None) -> int:
 
     variants = {f"uncached, {args.mode}": torch.compile(build(), mode=args.mode)}
     cached = {}
-    for path in ("cond", "split"):
+    paths = ["cond", "split"]
+    from teacache_kernels.cudagraph_conditional import conditional_nodes_unavailable
+
+    unavailable = conditional_nodes_unavailable(args.device)
+    if unavailable is None:
+        paths.append("conditional")
+    else:
+        print(f"teacache conditional: skipped ({unavailable})")
+    modes = {"cond": None, "split": args.mode, "conditional": "conditional"}
+    for path in paths:
         for thresh in (0.0, args.half_thresh):
             model = build()
             tk.enable_teacache(model, rel_l1_thresh=thresh, num_inference_steps=args.steps)
             cached[(path, thresh)] = model
-            variants[f"teacache {path}, thresh {thresh:g}"] = tk.compile(model, mode=args.mode if path == "split" else None)
+            variants[f"teacache {path}, thresh {thresh:g}"] = tk.compile(model, mode=modes[path])
 
     samples = {name: [] for name in variants}
     with torch.no_grad():
@@ -104,11 +116,15 @@ def main(argv=None) -> int:
             "hardware": hw, **versions(), "device": args.device, "dtype": str(dtype).replace("torch.", ""),
             "model": f"FLUX-shaped {shape.layers}+{shape.single_layers} blocks, {shape.heads * shape.head_dim} wide, {shape.image_tokens} tokens",
             "variant": name, "schedule": summary.contexts["cond"].schedule if summary else "-",
-            "host_reads_per_call": f"{summary.host_reads / summary.calls:.2f}" if summary else "-",
+            "host_reads_per_call": f"{summary.host_reads_per_call:.2f}" if summary else "-",
             "median_ms_per_call": f"{t * 1e3:.3f}", "speedup_vs_uncached": f"{base / t:.2f}x",
         })  # fmt: skip
     print(f"per-call latency, {hw}; {rows[0]['model']}, {args.steps} steps, median of {args.repeats}")
-    print_table(rows, ["variant", "median_ms_per_call", "speedup_vs_uncached", "host_reads_per_call", "schedule"])
+    # The conditional path's own graph count, printed (the CSV keeps its columns; the variant names the path).
+    graphs = [tk.summary(cached[k]).cuda_graphs if k is not None else None for k in (
+        next((k for k in cached if r["variant"] == f"teacache {k[0]}, thresh {k[1]:g}"), None) for r in rows)]
+    shown = [{**r, "cuda_graphs": "-" if g is None else g} for r, g in zip(rows, graphs)]
+    print_table(shown, ["variant", "median_ms_per_call", "speedup_vs_uncached", "host_reads_per_call", "cuda_graphs", "schedule"])
     if not args.no_csv:
         print(f"appended to {append_csv('cudagraphs', rows)}")
     return 0

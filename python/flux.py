@@ -7,6 +7,12 @@ Anywhere, as a smoke test (a tiny random-weight FluxPipeline on the CPU; the ima
 
 --compare also generates without TeaCache (same seed, same compile mode) and reports the speedup and
 the PSNR of the TeaCache image against it. Images and a JSON record go to --out.
+
+Many GPUs (context parallelism: each GPU holds 1/N of the sequence; TeaCache sums its decision over them):
+    torchrun --nproc-per-node 4 python/flux.py --cp 4 --compare                  # Ulysses attention
+    torchrun --nproc-per-node 4 python/flux.py --cp 4 --cp-kind ring --compare   # Ring attention (needs flash)
+    torchrun --nproc-per-node 2 python/flux.py --tiny --cp 2                      # CPU smoke test, gloo
+Rank 0 writes the images and run.json.
 """
 
 from __future__ import annotations
@@ -21,6 +27,40 @@ import numpy as np
 import torch
 
 import teacache_kernels as tk
+
+
+def start_context_parallel(args) -> int:
+    """Under torchrun with --cp N: join the process group and pick this rank's device. Returns the rank."""
+    if args.cp <= 1:
+        return 0
+    import os
+
+    import torch.distributed as dist
+
+    if "LOCAL_RANK" not in os.environ:
+        raise SystemExit(f"--cp {args.cp} runs one process per GPU: start it with torchrun --nproc-per-node {args.cp}")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if args.tiny:  # CPU: gloo, and diffusers' mesh on the CPU "accelerator" (it picks device rank % device_count)
+        torch.accelerator.device_count = lambda: 1
+        dist.init_process_group("gloo")
+    else:
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+        dist.init_process_group("nccl")
+    if dist.get_world_size() != args.cp:
+        raise SystemExit(f"--cp {args.cp} but torchrun started {dist.get_world_size()} processes")
+    return dist.get_rank()
+
+
+def enable_context_parallel(pipe, args) -> None:
+    """diffusers' own context parallelism on the transformer (before or after TeaCache: either order works)."""
+    if args.cp <= 1:
+        return
+    from diffusers import ContextParallelConfig
+
+    if args.cp_kind == "ring":
+        pipe.transformer.set_attention_backend("flash")  # Ring attention needs the log-sum-exp: flash (or sage) on GPUs
+    pipe.transformer.enable_parallelism(config=ContextParallelConfig(**{f"{args.cp_kind}_degree": args.cp}))
 
 
 def load_pipeline(args):
@@ -71,30 +111,41 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None, help="also run uncached (default: on with --tiny)")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--cp", type=int, default=1, metavar="N", help="context parallelism over N GPUs (run with torchrun)")
+    p.add_argument("--cp-kind", choices=("ulysses", "ring"), default="ulysses")
     p.add_argument("--out", default="flux_out")
     args = p.parse_args(argv)
+    if args.cp < 1:
+        p.error(f"--cp must be at least 1, got {args.cp}")
+    rank = start_context_parallel(args)
     args.steps = args.steps or (8 if args.tiny else 28)
     args.compare = args.tiny if args.compare is None else args.compare
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     pipe, inputs = load_pipeline(args)
-    record = {"model": "tiny random FLUX" if args.tiny else args.model, "steps": args.steps, "compile": args.compile}
+    enable_context_parallel(pipe, args)
+    record = {"model": "tiny random FLUX" if args.tiny else args.model, "steps": args.steps, "compile": args.compile,
+              "context_parallel": args.cp}  # fmt: skip
+    save = rank == 0  # every rank computes the same image: rank 0 writes it
 
     baseline = None
     if args.compare:
         maybe_compile(pipe, args)
         generate(pipe, inputs, args)  # warm-up (compiles)
         baseline, record["uncached_s"] = generate(pipe, inputs, args)
-        baseline.save(out / "uncached.png")
+        if save:
+            baseline.save(out / "uncached.png")
         pipe.transformer = getattr(pipe.transformer, "_orig_mod", pipe.transformer)  # uncompiled again
 
     tk.enable_teacache(pipe, rel_l1_thresh=args.thresh)
     maybe_compile(pipe, args)
     generate(pipe, inputs, args)  # warm-up (compiles; the cache state is reset by the next call)
     image, record["teacache_s"] = generate(pipe, inputs, args)
-    image.save(out / "teacache.png")
     summary = tk.summary(pipe)
+    if not save:
+        return 0
+    image.save(out / "teacache.png")
     print(summary)
     record["summary"] = summary.as_dict()
     if baseline is not None:
@@ -108,4 +159,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        code = main()
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    raise SystemExit(code)

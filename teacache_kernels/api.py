@@ -31,8 +31,9 @@ def enable_teacache(
     pipe_or_transformer: Any,
     config: TeaCacheConfig | None = None,
     *,
-    reference: bool = False,
+    reference: bool | None = None,
     transformer_2: TeaCacheConfig | dict | None = None,
+    process_group: Any = "auto",
     **fields,
 ):
     """Turn TeaCache on for a diffusers pipeline or transformer. Returns its argument.
@@ -41,7 +42,8 @@ def enable_teacache(
     `num_inference_steps` is learned from its scheduler at every call, and each call starts a new
     generation. On a bare transformer, `num_inference_steps` is required: the step counter wraps at it.
     Calling it again on an enabled model updates the config in place (no recompilation).
-    `reference=True` runs the eager oracle (`reference.ReferenceCache`) instead of the fused ops.
+    `reference=True` runs the eager oracle (`reference.ReferenceCache`) instead of the fused ops; unset, enabling
+    again keeps the implementation the model has (the fused ops on a first enable).
     Enable before `torch.compile`. Module and parameter names do not change: LoRAs, attention processors,
     offloading and layerwise casting work the same before or after enabling (README, "While enabled").
 
@@ -53,6 +55,12 @@ def enable_teacache(
     A model you calibrated yourself: `enable_teacache(pipe, coefficients_file="my_model.teacache.json")`
     (written by `python -m teacache_kernels calibrate`): each CFG context uses the set fitted at the
     sequence length nearest its own, and that set's recommended threshold unless `rel_l1_thresh` is given.
+
+    Many GPUs (README, "Many GPUs"): `process_group` is the group of ranks that split the sequence (context
+    parallelism), over which each decision sums its signal's partial sums so that every rank decides alike.
+    "auto" (the default) takes it from the transformer's diffusers parallel config, now or when
+    `enable_parallelism` runs later; give a ProcessGroup (or a 1-D DeviceMesh) for other frameworks (xDiT).
+    Every rank of the group must enable with the same settings: that is checked here, collectively.
     """
     pipeline, transformer = _split(pipe_or_transformer)
     second = _second_transformer(pipeline)
@@ -66,7 +74,7 @@ def enable_teacache(
         config_2, fields_2 = (transformer_2, {}) if isinstance(transformer_2, TeaCacheConfig) else (config, {**fields, **(transformer_2 or {})})
         plans.append(_plan(pipeline, second, config_2, fields_2, "low" if staged else None))
     for plan in plans:  # every transformer's config is valid: now change the models
-        _apply(*plan, reference=reference)
+        _apply(*plan, reference=reference, process_group=process_group)
     return pipe_or_transformer
 
 
@@ -111,20 +119,28 @@ def _plan(pipeline, transformer: nn.Module, config: TeaCacheConfig | None, field
     return pipeline, transformer, inst, family, config, resolved, stage
 
 
-def _apply(pipeline, transformer, inst, family, config, resolved, stage, *, reference: bool) -> None:
+def _apply(pipeline, transformer, inst, family, config, resolved, stage, *, reference: bool | None, process_group: Any) -> None:
     from .cached_forward import FusedCache
     from .install import install, uninstall
     from .reference import ReferenceCache
 
-    if inst is not None and isinstance(inst.cache, ReferenceCache) != reference:
+    if inst is not None and reference is not None and isinstance(inst.cache, ReferenceCache) != reference:
         uninstall(inst)  # switching implementation: start over, same pipeline and step count
         inst = None
+    fresh = inst is None
     if inst is not None:
         inst.cache.set_config(resolved)
         inst.cache.reset()
     else:
-        inst = install(transformer, family, ReferenceCache(resolved) if reference else FusedCache(resolved))
+        inst = install(transformer, family, ReferenceCache(resolved) if reference else FusedCache(resolved))  # None: fused
     inst.user_config = config
+    inst.process_group = process_group
+    try:
+        inst.join_group()  # many GPUs: the ranks that split the sequence must agree (a collective)
+    except Exception:
+        if fresh:
+            uninstall(inst)  # the model as it was: nothing half-enabled
+        raise
     if pipeline is not None and inst.pipeline is None:
         inst.stage = stage
         follow(inst, pipeline)
@@ -184,6 +200,7 @@ def reset_teacache(pipe_or_transformer: Any, num_inference_steps: int | None = N
             inst.user_config = inst.user_config.replace(num_inference_steps=num_inference_steps)  # validates
             inst.cache.set_config(with_steps(inst.cache.config, num_inference_steps))
         inst.cache.reset()
+        inst.check_ranks_agree()  # many GPUs: the same step count on every rank
 
 
 def summary(pipe_or_transformer: Any):

@@ -16,6 +16,7 @@ dispatch around it; bench/bench_branch.py measures the two, and eager runs the P
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import weakref
 from typing import Any, Callable, Sequence
@@ -23,9 +24,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch._dynamo.comptime import comptime
 
-from . import _inductor_cond_fix
+from . import _inductor_cond_fix, parallel
 from . import state as S
 from .config import ResolvedConfig
+from .cudagraph_conditional import close_if_computing, open_if_computing
 from .ops.apply_residual import apply_residual_
 from .ops.decide import decide
 from .reference import StepRecord
@@ -107,6 +109,9 @@ class FusedCache:
     # the flag on the host inside it and gives up CUDA graphs for the graph) or "split" (a graph break at the flag:
     # the graphs before and after it, and each branch's, are separate and each can be CUDA-graphed; one host read
     # per step, counted in `host_reads`). `teacache_kernels.compile` picks "split" for mode="reduce-overhead".
+    # "conditional" (set on both attributes by `cudagraph_conditional.CapturedTransformer`, mode="conditional"): no
+    # host branch at all; the blocks run between two hooks that, while the runner captures a CUDA graph, open and
+    # close a device-side IF node on the flag (outside a capture the blocks run on every call, see run()).
     compiled_branch = "cond"
 
     def __init__(self, config: ResolvedConfig):
@@ -117,6 +122,7 @@ class FusedCache:
         self.contexts["default"] = self._active
         self.streams_alias = False  # set while tracing: do the streams of the traced call share storage?
         self.host_reads = 0  # decisions read on the host by this package (eager calls and the split path)
+        self.group = None  # the process group that splits the signal (context parallelism), or None: parallel.py
         self._register()
 
     def _register(self) -> None:
@@ -126,7 +132,8 @@ class FusedCache:
     def __deepcopy__(self, memo: dict) -> "FusedCache":
         new = copy.copy(self)
         memo[id(self)] = new
-        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != "key"})
+        # The process group is shared, not copied: a copy runs on the same ranks.
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k not in ("key", "group")})
         new._register()  # its own key: a compiled copy must find its own state
         return new
 
@@ -207,11 +214,23 @@ class FusedCache:
             st = self._active.state_for(state_key).for_layout(S.layout_key(S.layout_of(signal, streams)))
         else:
             st = self.prepare(S.layout_of(signal, streams), state_key)
-        reuse = decide(signal, st.prev_signal, st.scalars, st.config, st.log, st.partials, st.ticket)
+        # Context parallelism: the sums go over the ranks that split the signal (parallel.py), so all decide alike.
+        over_ranks = None if self.group is None else functools.partial(parallel.sum_over_ranks, group=self.group)
+        reuse = decide(signal, st.prev_signal, st.scalars, st.config, st.log, st.partials, st.ticket, over_ranks)
         if torch.is_grad_enabled():
             return self._run_differentiable(reuse, streams, st.residuals, full)
         compiling = torch.compiler.is_compiling()
-        if compiling and self.compiled_branch == "split":
+        if (self.compiled_branch if compiling else self.eager_branch) == "conditional":
+            # The blocks write into outputs allocated before the IF node, so the graph after it reads the same
+            # buffers whether the node ran or not; apply_residual_ below then stores the residual (computed) or
+            # overwrites them with stream + residual (reused). Un-captured, the blocks' work on a reused call is
+            # thrown away: the reference's outputs, without the skip (warm-up calls, and CPU).
+            outs = tuple(_empty(s) for s in streams)
+            open_if_computing(reuse)  # graph break; an IF node on `not reuse` while a CapturedTransformer captures
+            for out, computed in zip(outs, full(*streams)):
+                out.copy_(computed)
+            close_if_computing()  # graph break
+        elif compiling and self.compiled_branch == "split":
             if _read_flag(self, reuse):  # graph break: the graphs on either side are CUDA-graph capturable
                 outs = tuple(_empty(s) for s in streams)
             else:

@@ -158,6 +158,9 @@ class ResolvedConfig:
     abs_rescaled: bool = False  # accumulate |poly(x)|
     denominator_eps: float = 0.0  # x = mean|m - m_prev| / (mean|m_prev| + eps)
     warmup_fraction: float | None = None  # the set's forced first calls as a fraction of num_inference_steps
+    # Ranks that split the sequence (context parallelism, parallel.py): a rank's stream holds 1/ranks of the tokens,
+    # and a calibrated file's set is chosen by the whole sequence's length.
+    sequence_ranks: int = 1
 
     def forced_first(self) -> int:
         """How many calls at the start of a generation compute whatever the distance. A fraction of the steps
@@ -252,7 +255,8 @@ class ResolvedConfig:
         object.__setattr__(self, "_variants", variants)
 
     def for_sequence(self, seq_len: int) -> "ResolvedConfig":
-        """The config a context of `seq_len` tokens runs on: the nearest fitted length's set, if calibrated."""
+        """The config a context of `seq_len` tokens (on this rank) runs on: the nearest fitted length's set, if calibrated."""
         if not self.calibrated:
             return self
-        return self._variants[_coefficients.nearest_index([s.seq_len for s in self.calibrated], seq_len)]
+        whole = seq_len * self.sequence_ranks
+        return self._variants[_coefficients.nearest_index([s.seq_len for s in self.calibrated], whole)]

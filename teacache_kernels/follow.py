@@ -95,6 +95,7 @@ def new_generation(inst) -> None:
     inst.step_offset, calls = stage_steps(inst)
     inst.cache.set_config(with_steps(inst.cache.config, calls))
     inst.cache.reset()
+    inst.check_ranks_agree()  # many GPUs: every rank runs this generation with the same steps (once per generation)
 
 
 def with_steps(config, steps: int | None):

@@ -10,6 +10,8 @@ Enabling changes no module name, no parameter name and no `state_dict` key. What
   - `cache_context(name)`, which diffusers pipelines call around each CFG branch, also selects the
     cache's per-context state;
   - `enable_cache` (diffusers' other caches) refuses while TeaCache is on, naming both;
+  - `enable_parallelism` (diffusers' context/tensor parallelism) also finds the ranks that split the
+    sequence, over which the decision then sums (parallel.py);
   - a forward pre-hook refuses inputs the cached span cannot honour, naming them.
 Every callable left on the model is a bound method of the `Installation`, so `copy.deepcopy` of an
 enabled model gives the copy its own installation, cache and state (see `Installation.__deepcopy__`).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import parallel
 from .block_list import YIELDS, CachedBlockList, cached_class, pass_through_class
 from .follow import unfollow, with_steps
 from .models import ModelFamily
@@ -81,6 +85,8 @@ class Installation:
     tail_class: type | None = None  # the class of the family's tail module before it was made pass-through
     step_offset: int = 0  # the generation's step index of this transformer's first call (Wan 2.2's second stage)
     capture_hooks: dict[str, tuple[str, int]] = field(default_factory=dict)  # capture -> (submodule path, hook id)
+    process_group: Any = "auto"  # as given to enable_teacache: "auto" (from diffusers' parallel config), None, a group
+    base_enable_parallelism: Any = None  # what `transformer.enable_parallelism` was before enabling
 
     @property
     def block_lists(self) -> dict[str, nn.ModuleList]:
@@ -111,6 +117,28 @@ class Installation:
                 yield
             finally:
                 self.cache.activate(previous)
+
+    def join_group(self) -> None:
+        """Find the ranks that split the signal (context parallelism) and check that they agree. Host side: when
+        enabling, and after diffusers' `enable_parallelism` (the model's own, shadowed while enabled)."""
+        group = self.cache.group = parallel.resolve_group(self.transformer, self.process_group)
+        if group is not None:
+            parallel.move_block_split_to_span(self)
+        ranks = 1 if group is None else torch.distributed.get_world_size(group)
+        if self.cache.config.sequence_ranks != ranks:  # a calibrated file's set goes by the whole sequence's length
+            self.cache.set_config(dataclasses.replace(self.cache.config, sequence_ranks=ranks))
+        self.check_ranks_agree()
+
+    def check_ranks_agree(self) -> None:
+        """Every rank that splits the signal must run the same config and step count (a collective, host side)."""
+        parallel.check_agreement(self.cache.group, type(self.transformer).__name__, self.cache.config)
+
+    def enable_parallelism(self, *args, **kwargs):
+        if self.base_enable_parallelism is None:
+            raise AttributeError(f"{type(self.transformer).__name__} has no enable_parallelism")
+        result = self.base_enable_parallelism(*args, **kwargs)
+        self.join_group()
+        return result
 
     def enable_cache(self, config) -> None:
         raise RuntimeError(
@@ -148,11 +176,18 @@ class Installation:
         """
         new = copy.copy(self)
         memo[id(self)] = new
-        for name in ("transformer", "cache", "span", "user_config", "base_cache_context", "shadowed"):
+        group = getattr(self.cache, "group", None)
+        if group is not None:  # a process group is shared, never copied: the copy runs on the same ranks
+            memo[id(group)] = group
+        for name in ("transformer", "cache", "span", "user_config", "base_cache_context", "base_enable_parallelism", "shadowed"):
             setattr(new, name, copy.deepcopy(getattr(self, name), memo))
         new.pipeline = new.scheduler = new.on_context_entry = new.stage = None
         _hold_dynamo_config(_dynamo_settings(new.family))  # the copy is enabled too: its own disable releases it
         return new
+
+
+# The transformer's methods an installation replaces (instance attributes; uninstall restores the class's).
+_SHADOWED = ("cache_context", "enable_cache", "enable_parallelism")
 
 
 def install(transformer: nn.Module, family: ModelFamily, cache) -> Installation:
@@ -182,7 +217,8 @@ def install(transformer: nn.Module, family: ModelFamily, cache) -> Installation:
     handle = transformer.register_forward_pre_hook(inst.check_inputs, with_kwargs=True)
     inst.pre_hook_id = handle.id  # the id, not the handle: a handle's weak reference would survive deepcopy
     inst.base_cache_context = getattr(transformer, "cache_context", None)
-    for name in ("cache_context", "enable_cache"):
+    inst.base_enable_parallelism = getattr(transformer, "enable_parallelism", None)
+    for name in _SHADOWED:
         # An instance attribute shadows the class's method; uninstall restores what was there.
         if name in vars(transformer):
             inst.shadowed[name] = vars(transformer)[name]
@@ -194,6 +230,7 @@ def install(transformer: nn.Module, family: ModelFamily, cache) -> Installation:
 
 def uninstall(inst: Installation) -> None:
     t = inst.transformer
+    parallel.restore_block_split(inst)
     for name, blocks in inst.block_lists.items():
         del blocks.__dict__[YIELDS]
         blocks.__class__ = inst.list_classes[name]
@@ -203,7 +240,7 @@ def uninstall(inst: Installation) -> None:
         t.get_submodule(path)._forward_hooks.pop(hook_id, None)
     t._forward_pre_hooks.pop(inst.pre_hook_id, None)
     t._forward_pre_hooks_with_kwargs.pop(inst.pre_hook_id, None)
-    for name in ("cache_context", "enable_cache"):
+    for name in _SHADOWED:
         delattr(t, name)
         if name in inst.shadowed:
             setattr(t, name, inst.shadowed[name])

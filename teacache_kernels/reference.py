@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -60,13 +60,23 @@ class StepRecord:
     reused: bool  # True: the cached residual was applied; False: the blocks ran
 
 
-def rel_l1(signal: torch.Tensor, prev: torch.Tensor, eps: float = 0.0) -> float:
+def rel_l1(signal: torch.Tensor, prev: torch.Tensor, eps: float = 0.0, group: Any = None) -> float:
     """mean|signal - prev| / (mean|prev| + eps) over all elements, in float64.
 
     Computed as sum|signal - prev| / (sum|prev| + eps * numel): the same value, with the counts cancelled.
+    `group`: the process group over which the signal is split (context parallelism): the sums (and the
+    element count) are those of the whole signal, every rank's slice.
     """
-    num = (signal.double() - prev.double()).abs().sum().item()
-    den = prev.double().abs().sum().item() + eps * signal.numel()
+    sums = torch.stack([(signal.double() - prev.double()).abs().sum(), prev.double().abs().sum()]).cpu()
+    sums = torch.cat([sums, torch.tensor([float(signal.numel())], dtype=torch.float64)])
+    if group is not None:
+        import torch.distributed as dist
+
+        everyone = [torch.empty_like(sums) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(everyone, sums.to(signal.device), group=group)
+        sums = sum(t.cpu() for t in everyone)  # in rank order: the same value on every rank
+    num, base, numel = sums.tolist()
+    den = base + eps * numel
     if not (math.isfinite(num) and math.isfinite(den) and den > 0.0):
         return math.nan
     return num / den
@@ -89,13 +99,14 @@ class TeaCacheOracle:
         """Start a new generation: forget the previous signal, the accumulator, the step counter and history."""
         self.step, self.acc, self.prev, self.history, self.consecutive = 0, 0.0, None, [], 0
 
-    def decide(self, signal: torch.Tensor) -> bool:
-        """Feed one call's signal; True means reuse the cached residual, False means run the blocks."""
+    def decide(self, signal: torch.Tensor, group: Any = None) -> bool:
+        """Feed one call's signal; True means reuse the cached residual, False means run the blocks.
+        `group`: the ranks that split the signal (context parallelism), whose slices make up the whole."""
         cfg = self.config
         n = cfg.num_inference_steps
         if self.step == 0:  # a new generation's first call: the finished generation's history goes
             self.history = []
-        x = rel_l1(signal, self.prev, cfg.denominator_eps) if self.prev is not None else math.nan
+        x = rel_l1(signal, self.prev, cfg.denominator_eps, group) if self.prev is not None else math.nan
         x_poly = x if cfg.x_range is None or not math.isfinite(x) else min(max(x, cfg.x_range[0]), cfg.x_range[1])
         y = polyval(cfg.coefficients, x_poly) if math.isfinite(x) else math.nan
         if cfg.abs_rescaled:  # vLLM-Omni's rule (qwen-image): a negative poly(x) still adds
@@ -137,6 +148,7 @@ class ReferenceCache:
         self._layouts: dict[str, tuple] = {}
         self._first_layout: dict[str, tuple] = {}  # context (and state key) -> the shapes of its first call
         self.active = "default"
+        self.group = None  # the process group that splits the signal (context parallelism), or None
 
     def activate(self, name: str) -> str:
         previous = self.active
@@ -201,7 +213,7 @@ class ReferenceCache:
                 self.contexts[name] = TeaCacheOracle(self.config)
             self.contexts[name].config = self.config.for_sequence(layout[-1])
         self._layouts[name] = layout
-        if self.contexts[name].decide(signal):
+        if self.contexts[name].decide(signal, self.group):
             return tuple(s + r for s, r in zip(streams, self.residuals[name]))
         outs = tuple(full(*streams))
         self.residuals[name] = tuple((out - s).detach() for out, s in zip(outs, streams))

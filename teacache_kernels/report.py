@@ -41,8 +41,16 @@ class Summary:
     calls: int  # since enabled, all contexts
     reused: int
     memory_bytes: int = 0  # device memory of every context's state (also those not called this generation)
-    branch: str = "python"  # how a compiled call branches: "cond" (torch.cond) or "split" (a host read between graphs)
+    branch: str = "python"  # how a compiled call branches: "cond" (torch.cond), "split" (a host read between graphs)
+    # or "conditional" (one CUDA graph per call, the blocks behind a device-side IF node: no host read)
     host_reads: int = 0  # decisions this package read on the host (eager calls and the split path), since enabled
+    cuda_graphs: int | None = None  # conditional path: graphs held (one per CFG context and input layout); else None
+    graph_replays: int = 0  # conditional path: calls that replayed a graph
+    ranks: int = 1  # ranks whose signal slices each decision sums (context parallelism: parallel.py); 1 otherwise
+
+    @property
+    def host_reads_per_call(self) -> float:
+        return self.host_reads / max(self.calls, 1)
 
     @classmethod
     def of(cls, inst) -> "Summary":
@@ -50,6 +58,7 @@ class Summary:
 
         cfg = inst.cache.config
         history = inst.cache.history()
+        stats = getattr(inst.cache, "cuda_graph_stats", None)  # set by cudagraph_conditional.CapturedTransformer
         return cls(
             model=type(inst.transformer).__name__,
             implementation="reference" if isinstance(inst.cache, ReferenceCache) else "fused",
@@ -62,6 +71,9 @@ class Summary:
             memory_bytes=sum(h[3] for h in history.values()),
             branch=getattr(inst.cache, "compiled_branch", "python"),
             host_reads=getattr(inst.cache, "host_reads", 0),
+            cuda_graphs=stats.graphs if stats is not None else None,
+            graph_replays=stats.replays if stats is not None else 0,
+            ranks=_group_size(getattr(inst.cache, "group", None)),
         )
 
     def __str__(self) -> str:
@@ -80,7 +92,10 @@ class Summary:
             )
         lines.append(
             f"  since enabled: {self.calls} calls, {self.reused} reused ({100.0 * self.reused / max(self.calls, 1):.0f}%); "
-            f"cache memory {_size(self.memory_bytes)}; compiled branch {self.branch!r}, {self.host_reads} host reads"
+            f"cache memory {_size(self.memory_bytes)}; compiled branch {self.branch!r}, {self.host_reads} host reads "
+            f"({self.host_reads_per_call:.2g} per call)"
+            + (f"; {self.cuda_graphs} CUDA graphs, {self.graph_replays} replays" if self.cuda_graphs is not None else "")
+            + (f"; each decision summed over {self.ranks} ranks (context parallel)" if self.ranks > 1 else "")
         )
         return "\n".join(lines)
 
@@ -106,12 +121,23 @@ class Summary:
             "memory_bytes": self.memory_bytes,
             "branch": self.branch,
             "host_reads": self.host_reads,
+            "cuda_graphs": self.cuda_graphs,
+            "graph_replays": self.graph_replays,
+            "ranks": self.ranks,
             "contexts": {
                 n: {"schedule": c.schedule, "calls": c.calls, "reused": c.reused, "memory_bytes": c.memory_bytes,
                     "steps": [s.__dict__ for s in c.steps]}  # fmt: skip
                 for n, c in self.contexts.items()
             },
         }
+
+
+def _group_size(group) -> int:
+    if group is None:
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,10 @@ def test_switching_to_the_reference_keeps_the_pipeline():
     call(pipe, 9)
     s = tk.summary(pipe)
     assert s.implementation == "reference" and all(len(c.steps) == 9 for c in s.contexts.values())
+    tk.enable_teacache(pipe, rel_l1_thresh=0.3)  # updating a field keeps the implementation the model has
+    assert tk.summary(pipe).implementation == "reference" and tk.summary(pipe).rel_l1_thresh == 0.3
+    tk.enable_teacache(pipe, reference=False)
+    assert tk.summary(pipe).implementation == "fused"
 
 
 def test_summary_shows_the_contexts_of_the_latest_generation():

@@ -148,9 +148,13 @@ class BlockSpan(nn.Module):
         # checkpointing calls blocks positionally) onto names.
         self.names = parameter_names(self.first_block)
         self.captured: dict[str, torch.Tensor] = {}  # family.captures of this transformer call (install's hooks)
+        # diffusers' context-parallel split of block 0's inputs, when its plan has one (parallel.py): (hook name, hook)
+        self.input_split: tuple[str, Any] | None = None
 
     def bind(self, args: tuple, kwargs: dict) -> dict:
         """Block 0's parameter names -> this call's arguments (positional ones included)."""
+        if self.input_split is not None:  # context parallelism splits block 0's inputs: split the span's instead
+            args, kwargs = self.input_split[1].pre_forward(self.first_block, *args, **kwargs)
         call = dict(zip(self.names, args))
         call.update(kwargs)
         missing = [s for s in self.family.streams if s not in call]
