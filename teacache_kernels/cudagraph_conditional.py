@@ -359,6 +359,15 @@ class CapturedTransformer(nn.Module):
             raise RuntimeError(f"TeaCache is not enabled on this {type(transformer).__name__}; call enable_teacache first")
         if not hasattr(inst.cache, "compiled_branch"):
             raise ValueError("the conditional path needs the fused implementation: enable without reference=True")
+        family = inst.family
+        if family.state_key is not None:  # the graph's key (context, input shapes) cannot see a host-chosen state
+            raise ValueError(
+                f"the conditional path cannot serve {family.name}: the family keeps its state by a key its forward "
+                "computes on the host (ModelFamily.state_key; Lumina2: the joint sequence length, which diffusers "
+                "reads from the attention mask on the host, a sync no capture can hold), while a captured graph is "
+                "chosen by CFG context and input shapes only and replays the state it was captured with; use "
+                "mode='reduce-overhead' (the split path)"
+            )
         # Compiled and eager calls alike take the conditional branch: a frame Dynamo left to eager still opens
         # the IF node instead of reading the flag on the host inside the capture.
         inst.cache.compiled_branch = inst.cache.eager_branch = "conditional"
