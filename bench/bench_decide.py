@@ -12,9 +12,9 @@ Implementations, per call (one transformer step's decision):
   fused, compiled   teacache::decide under torch.compile (on CPU: Inductor fuses the torch path into C++)
   C++               teacache::decide with the C++ ops selected (csrc/, ops/cpp.py; built on first run,
                     `--no-cpp` skips): one vectorized pass and the float64 decision in C++ on CPU, the
-                    CUDA kernel on a GPU where it was built. Timed through the package's op, as a model calls it.
-  C++, op alone     torch.ops.teacache_cpp.decide called directly: the same kernel without the
-                    teacache::decide wrapper's Python dispatch (tens of microseconds on CPU).
+                    CUDA kernel on a GPU where it was built. Timed through `ops.decide`, as a model calls it
+                    (its checks, then straight to the C++ op).
+  C++, op alone     torch.ops.teacache_cpp.decide called directly: the kernel without `ops.decide`'s checks.
 
 GPU timing: CUDA events with a cold L2 (256 MiB flushed before each call) for the fused op; the
 reference is timed on the host with the device drained, since its `.item()` drains it anyway.

@@ -309,6 +309,36 @@ def test_the_environment_switch_and_a_lean_import():
     assert out.stdout.split() == ["cpp", "1"]
 
 
+@pytest.mark.parametrize("with_cpp", [False, True], ids=["torch-path", "cpp"])
+def test_the_package_runs_without_triton(with_cpp):
+    """torch's Windows wheels have no Triton: the package imports, a cached model runs on the torch path or the C++
+    ops (which `implementation` names), and a Triton kernel launched anyway says why it cannot run."""
+    code = (
+        "import sys; sys.modules['triton'] = None  # as if Triton were not installed\n"
+        "import torch, teacache_kernels as tk\n"
+        "from teacache_kernels.ops import _backend, cpp\n"
+        "from teacache_kernels.ops.decide import _decide_kernel\n"
+        "from teacache_kernels.tiny_models import TinyFluxShape, flow_matching_loop, flux_inputs, tiny_flux_transformer\n"
+        "assert not _backend.HAS_TRITON\n"
+        "shape = TinyFluxShape(); m = tiny_flux_transformer(shape); ref = tiny_flux_transformer(shape)\n"
+        "tk.enable_teacache(m, num_inference_steps=8, rel_l1_thresh=0.6)\n"
+        "tk.enable_teacache(ref, num_inference_steps=8, rel_l1_thresh=0.6, reference=True)\n"
+        "latents, cond = flux_inputs(shape)\n"
+        "out, expected = (flow_matching_loop(x, latents, cond, 8) for x in (m, ref))\n"
+        "schedule = tk.summary(m).contexts['cond'].schedule\n"
+        "assert schedule == tk.summary(ref).contexts['cond'].schedule and 'R' in schedule, schedule\n"
+        "assert torch.equal(out, expected)\n"
+        "try:\n    _decide_kernel[(1,)]()\nexcept RuntimeError as e:\n    print('refused:', e)\n"
+        "print(cpp.implementation('cpu'))\n"
+    )
+    env = {**os.environ, "TEACACHE_CPP": "1" if with_cpp else "0", "TEACACHE_CPP_BUILD_DIR": str(BUILD_DIR), "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "refused: _decide_kernel is a Triton kernel, and Triton is not installed in this environment"
+    assert lines[1] == ("cpp" if with_cpp else "torch")
+
+
 def test_the_environment_switch_off_and_a_bad_value(monkeypatch):
     for name, value in (("_resolved", False), ("_on_cpu", False), ("_on_cuda", False)):
         monkeypatch.setattr(cpp, name, value)

@@ -1,6 +1,7 @@
 """Which implementation an op runs: the Triton kernel or its torch path.
 
-- CUDA tensors: the Triton kernel (through `wrap_triton` under torch.compile, so Inductor sees it).
+- CUDA tensors: the Triton kernel (through `wrap_triton` under torch.compile, so Inductor sees it); where Triton
+  is not installed, the torch path (or the CUDA C++ kernel, where built: ops/cpp.py).
 - CPU tensors: the torch path, which Inductor compiles to C++ under torch.compile. Inside
   `triton_on_cpu()`, eager calls run the Triton kernel in Triton's interpreter instead; that needs
   TRITON_INTERPRET=1 in the environment before Triton is first imported, and it is how the kernels are
@@ -17,10 +18,19 @@ import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+try:  # Triton is optional: torch's Windows wheels have none; the torch path and the C++ ops serve without it
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
 _triton_on_cpu = False
 
 
 def use_triton(t: torch.Tensor) -> bool:
+    if not HAS_TRITON:
+        return False
     if t.device.type == "cuda":
         return True
     return t.device.type == "cpu" and _triton_on_cpu and not torch.compiler.is_compiling()

@@ -11,12 +11,16 @@ Arithmetic is fp32, rounded to the buffers' dtype: what torch does for `x + resi
 """
 
 import torch
-import triton
-import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import cpp
-from ._backend import FLOATS, check_buffer, check_numel, use_triton
+from ._backend import FLOATS, HAS_TRITON, check_buffer, check_numel, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # a torch without Triton (Windows): the torch path and the C++ ops serve (_no_triton.py)
+    from ._no_triton import tl, triton
 
 BLOCK = 2048
 NUM_WARPS = 8

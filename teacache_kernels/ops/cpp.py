@@ -60,7 +60,7 @@ _apply_residual_op = None
 
 
 def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _backend.HAS_TRITON
 
 
 # ---- the per-call hooks (ops/decide.py, ops/apply_residual.py) ---------------------------------------------

@@ -13,14 +13,18 @@ Bytes moved per call: 2 reads + 1 write of the signal (plus a few hundred bytes 
 from typing import Callable
 
 import torch
-import triton
-import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import state as S
 from ..coefficients import MAX_COEFFICIENTS
 from . import cpp  # the optional C++ ops (ops/cpp.py): eager calls only, when built (cpp.implementation says)
-from ._backend import FLOATS, check_buffer, check_numel, use_triton
+from ._backend import FLOATS, HAS_TRITON, check_buffer, check_numel, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # a torch without Triton (Windows): the torch path and the C++ ops serve (_no_triton.py)
+    from ._no_triton import tl, triton
 
 # Triton reads module globals only when they are constexpr: mirror the layout of state.py.
 _ACC = tl.constexpr(S.ACC)
