@@ -51,3 +51,13 @@ def impl(request):
             yield "cpu"
     else:
         yield "cuda"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run much faster on one thread than on oversubscribed ones; the setting is put back after the
+    module. Modules of tiny-model tests use it: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

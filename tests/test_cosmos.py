@@ -34,13 +34,7 @@ CASES = [dict(rel_l1_thresh=t) for t in (0.2, 0.3, 0.5)]  # the published set (a
 SET = dict(coefficients="cosmos-7b")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is much faster than oversubscribed ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def generate(model, steps: int, cfg: bool = True):

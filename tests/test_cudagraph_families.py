@@ -41,6 +41,7 @@ from torch._dynamo.utils import counters
 import teacache_kernels as tk
 from teacache_kernels import cudagraph_conditional as cc
 from teacache_kernels.tiny_families import TINY
+from test_conditional_path import RecordingGraph  # the IF-node recorder standing in for a capture
 
 # Per family: enable_teacache options giving computed and reused calls in both generations below, and the
 # pipeline's config where the default cannot compile (HiDream: diffusers' MoE inference reads expert counts on the
@@ -66,13 +67,7 @@ def test_every_family_has_a_case():
     assert set(CASES) == set(TINY), "a family added to TINY needs a case here (and a row in the README table)"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is much faster than oversubscribed ones (and leaves others' settings alone)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture(autouse=True)
@@ -102,20 +97,6 @@ def schedules(pipe):
 def calls(pipe):
     """Transformer calls of the last generation: one schedule letter per call, over every state."""
     return sum(len(s) for s in schedules(pipe).values())
-
-
-class RecordingGraph:
-    """Stands in for the CUDA graph being captured: records the IF nodes the span opens and closes."""
-
-    def __init__(self):
-        self.events = []
-
-    def begin_capture_to_if_node(self, pred):
-        assert pred.dtype == torch.bool and pred.numel() == 1
-        self.events.append(("if", bool(pred)))  # host-ok: a test's recorder
-
-    def end_capture_to_conditional_node(self):
-        self.events.append(("end", None))
 
 
 # -- the zero-sync path: the runner's logic, capture replaced ----------------------------------------------------

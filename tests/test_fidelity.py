@@ -40,13 +40,7 @@ X_RTOL = 1e-5  # package x vs the original's x (measured: ~1e-7, fp32 means vs e
 TIE_MARGIN = 1e-4  # least |accumulator - threshold| at a non-forced decision, absolute (x max(1, thresh))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is much faster than oversubscribed ones (and leaves others' settings alone)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 # -- the families ---------------------------------------------------------------------------------------------

@@ -32,13 +32,7 @@ SETS = {
 NON_SQUARE = dict(height=12, width=24)  # 4 x 10 latents, padded to max_seq tokens and masked
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is much faster than oversubscribed ones (and leaves others' settings alone)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def pipeline(**config):

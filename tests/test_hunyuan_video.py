@@ -32,13 +32,7 @@ from teacache_kernels.tiny_families import hunyuan_video as tiny
 FAM = TINY["hunyuan-video"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is much faster than oversubscribed ones (and leaves others' settings alone)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def quiet(pipe):

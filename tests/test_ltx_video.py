@@ -26,13 +26,7 @@ STEPS = (10, 7)  # two generations, the second with another step count
 CASES = [dict(rel_l1_thresh=t) for t in (0.05, 0.1, 0.2)]  # 0.05: the published set's threshold
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is much faster than oversubscribed ones (and leaves others' settings alone)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def pipeline():

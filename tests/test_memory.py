@@ -20,12 +20,7 @@ from teacache_kernels.tiny_models import tiny_flux_pipeline, tiny_flux_prompt
 OPTIONS = {"wan": dict(coefficients="wan2.1-i2v-14b-480p", rel_l1_thresh=0.2), "cogvideox": dict(rel_l1_thresh=0.3)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def buffers(cache: FusedCache) -> dict[str, tuple[int, ...]]:

@@ -29,12 +29,7 @@ DEFAULT, RET = "wan2.1-t2v-1.3b", "wan2.1-t2v-1.3b-ret"
 CASES = [(DEFAULT, t) for t in (0.1, 0.3, 0.6)] + [(RET, t) for t in (0.05, 0.3, 0.6)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def quiet(pipe):
