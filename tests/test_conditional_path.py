@@ -19,25 +19,11 @@ from torch._dynamo.utils import counters
 
 import teacache_kernels as tk
 from teacache_kernels import cudagraph_conditional as cc
-from teacache_kernels.tiny_models import TinyFluxShape, flow_matching_loop, flux_inputs, tiny_flux_transformer
+from teacache_kernels.tiny_models import TinyFluxShape, flux_inputs, tiny_flux_transformer
+from test_split_path import generate, inputs, schedules  # the same tiny FLUX with true CFG
 
 SHAPE = TinyFluxShape()
 THRESH = 0.6
-
-
-def schedules(model):
-    return {n: c.schedule for n, c in tk.summary(model).contexts.items()}
-
-
-def inputs():
-    latents, cond = flux_inputs(SHAPE)
-    _, negative = flux_inputs(SHAPE, seed=7)
-    return latents, cond, negative
-
-
-def generate(model, data, steps):
-    latents, cond, negative = data
-    return flow_matching_loop(model, latents, cond, steps, negative=negative, cfg_scale=3.0)
 
 
 # -- feature detection ------------------------------------------------------------------------------------------

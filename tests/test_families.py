@@ -15,6 +15,8 @@ import torch
 import teacache_kernels as tk
 from teacache_kernels.tiny_families import TINY, cogvideox_transformer
 
+from _compiled import check_compiled_pipeline, graph_breaks
+
 # Thresholds (and, where the published set's schedule is all reuse on a random model, a second polynomial)
 # that give computed and reused calls on each tiny model.
 CASES = {
@@ -239,14 +241,6 @@ def test_qwen_image_edit_pipeline():
 # -- compile --------------------------------------------------------------------------------------------------
 
 
-def breaks(model, call):
-    torch._dynamo.reset()
-    with torch.no_grad():
-        explained = torch._dynamo.explain(model)(**call)
-    torch._dynamo.reset()
-    return explained.graph_break_count
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compiled_pipeline_matches_eager_without_recompiles(family):
@@ -255,30 +249,15 @@ def test_compiled_pipeline_matches_eager_without_recompiles(family):
     fam = TINY[family]
     call = fam.transformer_call()
     plain_model, enabled_model = fam.transformer(), fam.transformer()
-    plain_breaks = breaks(plain_model, call)  # before enabling: a family's dynamo_config is held while enabled
+    plain_breaks = graph_breaks(plain_model, call)  # before enabling: a family's dynamo_config is held while enabled
     tk.enable_teacache(enabled_model, num_inference_steps=4)
     fullgraph = family != "lumina2"
     if family == "lumina2":  # reads sequence lengths from the mask on the host; TeaCache adds nothing
-        assert breaks(enabled_model, call) == plain_breaks > 0
+        assert graph_breaks(enabled_model, call) == plain_breaks > 0
     else:  # mochi: 0 too, with capture_dynamic_output_shape_ops held while enabled (the plain model breaks
-        assert breaks(enabled_model, call) == 0  # at its torch.nonzero unless compiled with fullgraph=True)
+        assert graph_breaks(enabled_model, call) == 0  # at its torch.nonzero unless compiled with fullgraph=True)
 
-    case = CASES[family][-1]
-    pipe, ref, plain = fam.pipeline(), fam.pipeline(), fam.pipeline()
-    tk.enable_teacache(pipe, **case)
-    tk.enable_teacache(ref, reference=True, **case)
-    pipe.transformer = torch.compile(pipe.transformer, fullgraph=fullgraph)
-    fam.generate(pipe, 6)  # warm-up: compiles (per sequence length for Lumina2)
-    plain_eager = fam.generate(plain, 8)
-    plain.transformer = torch.compile(plain.transformer, fullgraph=fullgraph)
-    compile_error = (fam.generate(plain, 8) - plain_eager).abs().max().item()
-    scale = plain_eager.abs().max().item()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for steps in (8, 5):
-            out, expected = fam.generate(pipe, steps), fam.generate(ref, steps)
-            assert schedules(pipe) == schedules(ref)
-            error = (out - expected).abs().max().item()
-            assert error <= 2 * compile_error + 1e-6 * scale, (steps, error, compile_error)
+    check_compiled_pipeline(family, fam.pipeline, fam.generate, CASES[family][-1], fullgraph=fullgraph)
 
 
 @pytest.mark.slow

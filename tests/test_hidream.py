@@ -18,6 +18,7 @@ import teacache_kernels as tk
 from teacache_kernels.tiny_families import hidream as FAM
 
 from originals import hidream as original
+from _compiled import check_compiled_pipeline, graph_breaks
 from test_families import assert_clear_of_ties, names, schedules, set_processors
 from test_fidelity import GENERATIONS, Case, Family, compare_decisions, max_diff, package_schedules
 from test_fidelity import STEPS as FIDELITY_STEPS
@@ -231,14 +232,6 @@ def test_the_port_never_reusing_is_the_uncached_pipeline():
 # -- compile --------------------------------------------------------------------------------------------------
 
 
-def breaks(model, call):
-    torch._dynamo.reset()
-    with torch.no_grad():
-        explained = torch._dynamo.explain(model)(**call)
-    torch._dynamo.reset()
-    return explained.graph_break_count
-
-
 COMPILABLE = dict(experts=0, num_layers=1, num_single_layers=1, llama_layers=[3, 1])
 
 
@@ -251,26 +244,7 @@ def test_compiled_pipeline_matches_eager_without_recompiles():
     call = FAM.transformer_call()
     enabled_model = FAM.transformer(**COMPILABLE)
     tk.enable_teacache(enabled_model, num_inference_steps=4)
-    assert breaks(enabled_model, call) == 0
+    assert graph_breaks(enabled_model, call) == 0
 
-    case = SETS["hidream-full"][2][1]
-    pipe, ref, plain = pipeline(**COMPILABLE), pipeline(**COMPILABLE), pipeline(**COMPILABLE)
-    tk.enable_teacache(pipe, **case)
-    tk.enable_teacache(ref, reference=True, **case)
-    pipe.transformer = torch.compile(pipe.transformer, fullgraph=True)
-    FAM.generate(pipe, 6)  # warm-up
-    plain_eager = FAM.generate(plain, 8)
-    plain.transformer = torch.compile(plain.transformer, fullgraph=True)
-    compile_error = (FAM.generate(plain, 8) - plain_eager).abs().max().item()
-    scale = plain_eager.abs().max().item()
-    seen = ""
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for steps in (8, 5):
-            out, expected = FAM.generate(pipe, steps), FAM.generate(ref, steps)
-            assert schedules(pipe) == schedules(ref)
-            seen += schedules(pipe)["default"][1:]
-            error = (out - expected).abs().max().item()
-            assert error <= 2 * compile_error + 1e-6 * scale, (steps, error, compile_error)
-            print(f"\nhidream compiled, {steps} steps: {schedules(pipe)}, max|diff| vs eager reference {error:.3g} "
-                  f"(plain model's compile error {compile_error:.3g}, scale {scale:.3g})")  # fmt: skip
-    assert "R" in seen and "C" in seen, seen
+    check_compiled_pipeline("hidream", lambda: pipeline(**COMPILABLE), FAM.generate, SETS["hidream-full"][2][1],
+                            interior=lambda s: s["default"][1:])  # fmt: skip

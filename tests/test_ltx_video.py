@@ -17,6 +17,7 @@ import teacache_kernels as tk
 from teacache_kernels.tiny_families import TINY
 
 from originals import ltx_video as original
+from _compiled import check_compiled_pipeline, graph_breaks
 from test_families import assert_clear_of_ties, names, schedules
 from test_fidelity import GENERATIONS, Case, Family, compare_decisions, computed, max_diff, package_schedules
 from test_fidelity import STEPS as FIDELITY_STEPS
@@ -221,14 +222,6 @@ def test_residual_before_norm_out_measured_against_the_original():
 # -- compile --------------------------------------------------------------------------------------------------
 
 
-def breaks(model, call):
-    torch._dynamo.reset()
-    with torch.no_grad():
-        explained = torch._dynamo.explain(model)(**call)
-    torch._dynamo.reset()
-    return explained.graph_break_count
-
-
 @pytest.mark.slow
 def test_compiled_pipeline_matches_eager_without_recompiles():
     """fullgraph=True, one warm-up generation, then no recompile across generations and step counts;
@@ -236,26 +229,7 @@ def test_compiled_pipeline_matches_eager_without_recompiles():
     call = FAM.transformer_call()
     enabled_model = FAM.transformer()
     tk.enable_teacache(enabled_model, num_inference_steps=4)
-    assert breaks(enabled_model, call) == 0
+    assert graph_breaks(enabled_model, call) == 0
 
-    case = CASES[1]
-    pipe, ref, plain = pipeline(), pipeline(), pipeline()
-    tk.enable_teacache(pipe, **case)
-    tk.enable_teacache(ref, reference=True, **case)
-    pipe.transformer = torch.compile(pipe.transformer, fullgraph=True)
-    FAM.generate(pipe, 6)  # warm-up
-    plain_eager = FAM.generate(plain, 8)
-    plain.transformer = torch.compile(plain.transformer, fullgraph=True)
-    compile_error = (FAM.generate(plain, 8) - plain_eager).abs().max().item()
-    scale = plain_eager.abs().max().item()
-    seen = ""
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for steps in (8, 5):
-            out, expected = FAM.generate(pipe, steps), FAM.generate(ref, steps)
-            assert schedules(pipe) == schedules(ref)
-            seen += "".join(s[1:-1] for s in schedules(pipe).values())
-            error = (out - expected).abs().max().item()
-            assert error <= 2 * compile_error + 1e-6 * scale, (steps, error, compile_error)
-            print(f"\nltx-video compiled, {steps} steps: {schedules(pipe)}, max|diff| vs eager reference {error:.3g} "
-                  f"(plain model's compile error {compile_error:.3g}, scale {scale:.3g})")  # fmt: skip
-    assert "R" in seen and "C" in seen, seen
+    check_compiled_pipeline("ltx-video", pipeline, FAM.generate, CASES[1],
+                            interior=lambda s: "".join(x[1:-1] for x in s.values()))  # fmt: skip

@@ -207,6 +207,14 @@ def _finish_kernel(sums_ptr, scalars_ptr, config_ptr, log_ptr, log_capacity, reu
     )  # fmt: skip
 
 
+def _grid(numel: int, block: int, max_programs: int = S.MAX_PROGRAMS) -> tuple[int]:
+    """A grid-stride launch over `numel` signal elements: at most `max_programs` programs (the partials workspace)."""
+    check_numel(numel, "signal")
+    if not 1 <= max_programs <= S.MAX_PROGRAMS:  # the partials workspace holds S.MAX_PROGRAMS programs
+        raise ValueError(f"max_programs must be in [1, {S.MAX_PROGRAMS}], got {max_programs}")
+    return (max(1, min(triton.cdiv(numel, block), max_programs)),)
+
+
 def launch_decide(
     signal: torch.Tensor,
     prev_signal: torch.Tensor,
@@ -222,15 +230,10 @@ def launch_decide(
     max_programs: int = S.MAX_PROGRAMS,
 ) -> None:
     """Launch the kernel (eagerly, or with `kernel=wrap_triton(_decide_kernel)` for tracing)."""
-    numel = signal.numel()
-    check_numel(numel, "signal")
-    if not 1 <= max_programs <= S.MAX_PROGRAMS:  # the partials workspace holds S.MAX_PROGRAMS programs
-        raise ValueError(f"max_programs must be in [1, {S.MAX_PROGRAMS}], got {max_programs}")
-    grid = (max(1, min(triton.cdiv(numel, block), max_programs)),)
-    kernel[grid](
+    kernel[_grid(signal.numel(), block, max_programs)](
         signal,
         prev_signal,
-        numel,
+        signal.numel(),
         partials,
         ticket,
         scalars,
@@ -256,10 +259,9 @@ def launch_sums(
     block: int = BLOCK,
 ) -> None:
     """Launch the first half (this rank's sums into `sums`, fp64 [3]); the same grid as `launch_decide`."""
-    numel = signal.numel()
-    check_numel(numel, "signal")
-    grid = (max(1, min(triton.cdiv(numel, block), S.MAX_PROGRAMS)),)
-    kernel[grid](signal, prev_signal, numel, partials, ticket, sums, BLOCK=block, MAX_PROGRAMS=S.MAX_PROGRAMS, num_warps=NUM_WARPS)
+    kernel[_grid(signal.numel(), block)](
+        signal, prev_signal, signal.numel(), partials, ticket, sums, BLOCK=block, MAX_PROGRAMS=S.MAX_PROGRAMS, num_warps=NUM_WARPS
+    )
 
 
 def launch_finish(sums, scalars, config, log, reuse, *, kernel=_finish_kernel) -> None:
